@@ -1,0 +1,1 @@
+"""PLC access: the register map, a Modbus client and a reactor simulator."""
