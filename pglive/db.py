@@ -1,0 +1,107 @@
+"""The database boundary: DSN resolution, connections, named queries, error translation."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.resources
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pglive import errors
+
+CONNECT_TIMEOUT_SECONDS = 5
+
+
+@functools.cache
+def queries() -> dict[str, str]:
+    """The named queries of ``queries.sql``, comment lines removed."""
+    text = importlib.resources.files("pglive").joinpath("queries.sql").read_text()
+    named: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith("-- name:"):
+            name = line.removeprefix("-- name:").strip()
+            named[name] = ""
+        elif name is not None and not line.lstrip().startswith("--"):
+            named[name] += line + "\n"
+    return {key: value.strip() for key, value in named.items()}
+
+
+def query(name: str) -> str:
+    return queries()[name]
+
+
+def resolve_dsn(dsn: str | None = None, *, start_embedded: bool = False) -> str:
+    """The DSN to use: the argument, else ``PGLIVE_DSN``, else the embedded cluster's.
+
+    The embedded cluster is started only when ``start_embedded`` is true; otherwise it must
+    already be running.
+    """
+    if dsn:
+        return dsn
+    if os.environ.get("PGLIVE_DSN"):
+        return os.environ["PGLIVE_DSN"]
+
+    from pglive.embedded import EmbeddedCluster
+
+    cluster = EmbeddedCluster()
+    if start_embedded:
+        return cluster.start()
+    if not cluster.running():
+        raise errors.DatabaseUnavailableError(
+            f"no database: pass --dsn, set PGLIVE_DSN, or start the embedded one with "
+            f"'pglive db start' (PGLIVE_HOME={cluster.layout.home})"
+        )
+    return cluster.dsn
+
+
+def connect(
+    dsn: str, *, application_name: str = "pglive", autocommit: bool = True
+) -> psycopg.Connection[dict[str, Any]]:
+    """A synchronous connection; connection failures become DatabaseUnavailableError."""
+    try:
+        return psycopg.connect(
+            dsn,
+            autocommit=autocommit,
+            row_factory=dict_row,
+            application_name=application_name,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        )
+    except psycopg.Error as error:
+        raise errors.DatabaseUnavailableError(
+            f"cannot connect to PostgreSQL: {errors.describe_connection_error(error)}"
+        ) from None
+
+
+async def connect_async(
+    dsn: str, *, application_name: str = "pglive", autocommit: bool = True
+) -> psycopg.AsyncConnection[dict[str, Any]]:
+    try:
+        return await psycopg.AsyncConnection.connect(
+            dsn,
+            autocommit=autocommit,
+            row_factory=dict_row,
+            application_name=application_name,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        )
+    except psycopg.Error as error:
+        raise errors.DatabaseUnavailableError(
+            f"cannot connect to PostgreSQL: {errors.describe_connection_error(error)}"
+        ) from None
+
+
+@contextlib.contextmanager
+def translated_errors() -> Iterator[None]:
+    """Re-raise database errors that mean something to pglive as pglive errors."""
+    try:
+        yield
+    except psycopg.Error as error:
+        translated = errors.translate(error)
+        if translated is None:
+            raise
+        raise translated from error
