@@ -18,9 +18,9 @@ CONNECT_TIMEOUT_SECONDS = 5
 
 
 @functools.cache
-def queries() -> dict[str, str]:
-    """The named queries of ``queries.sql``, comment lines removed."""
-    text = importlib.resources.files("pglive").joinpath("queries.sql").read_text()
+def queries(package: str = "pglive") -> dict[str, str]:
+    """The named queries of ``queries.sql`` in ``package``, comment lines removed."""
+    text = importlib.resources.files(package).joinpath("queries.sql").read_text()
     named: dict[str, str] = {}
     name = None
     for line in text.splitlines():
@@ -32,8 +32,8 @@ def queries() -> dict[str, str]:
     return {key: value.strip() for key, value in named.items()}
 
 
-def query(name: str) -> str:
-    return queries()[name]
+def query(name: str, package: str = "pglive") -> str:
+    return queries(package)[name]
 
 
 def resolve_dsn(dsn: str | None = None, *, start_embedded: bool = False) -> str:
