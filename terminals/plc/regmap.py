@@ -106,7 +106,8 @@ class Register:
 
         if self.type == "float32":
             (value,) = struct.unpack(">f", struct.pack(">HH", raw[0], raw[1]))
-            return value
+            # A float32 holds about 7 significant digits: 123.4, not 123.4000015258789.
+            return float(f"{value:.7g}")
 
         number = int(raw[0]) & 0xFFFF
         if self.type == "int16" and number >= 0x8000:

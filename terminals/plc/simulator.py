@@ -59,6 +59,7 @@ _FUNCTION_TABLES = {
     22: "holding",
     23: "holding",
 }
+_WRITE_FUNCTIONS = (5, 6, 15, 16, 22, 23)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,12 @@ class PlcSimulator:
         current_registers: list[int],
         set_values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
+        if set_values is None and function_code in _WRITE_FUNCTIONS:
+            # pymodbus reads the written registers back to build the answer to a
+            # write; that is the same request, already counted and faulted.
+            return _serve(
+                self.image, function_code, address, count, current_registers, None
+            )
         if set_values is None:
             self.read_requests = (self.read_requests + 1) & 0xFFFF
         else:
@@ -338,6 +345,13 @@ async def _serve_until_signal(
     await simulator.stop()
 
 
+def _quiet_logging() -> None:
+    """One-shot commands report failures as one Error: line, not as log records."""
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    logging.getLogger("terminals").setLevel(logging.CRITICAL)
+
+
 def _load_map(path: str | None) -> regmap.PlcMap:
     try:
         return regmap.load(path)
@@ -423,6 +437,7 @@ def fault_command(
     mode: str, duration: float, latency_ms: int, host: str, port: int
 ) -> None:
     """Inject a fault into a running simulator (or clear it with MODE none)."""
+    _quiet_logging()
     plc_map = _load_map(None)
 
     async def switch() -> None:
@@ -439,11 +454,13 @@ def fault_command(
         asyncio.run(switch())
     except PlcError as exc:
         raise click.ClickException(f"cannot switch the fault: {exc}") from None
-    fault = Fault(mode, latency_ms if mode == "latency" else 0)
-    until = f" for {duration:g}s" if duration and mode != "none" else ""
-    click.echo(
-        f"{host}:{port}: {fault.describe().replace(' until cleared', '')}{until}"
-    )
+    if mode == "none":
+        text = "fault cleared"
+    else:
+        latency = f" {latency_ms} ms" if mode == "latency" else ""
+        lasting = f" for {duration:g}s" if duration else " until cleared"
+        text = f"fault '{mode}'{latency}{lasting}"
+    click.echo(f"PLC simulator at {host}:{port}: {text}")
 
 
 @plc_sim_cli.command("status")
@@ -451,6 +468,7 @@ def fault_command(
 @_port_option
 def status_command(host: str, port: int) -> None:
     """Print the fault switch and request counters of a running simulator."""
+    _quiet_logging()
     plc_map = _load_map(None)
 
     async def read() -> dict:
