@@ -1,0 +1,374 @@
+"""The launcher with real terminal processes: kill -9, SIGSTOP, crash loops, restarts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, end_process, spawn_python, wait_for
+
+ACTIVE = "status IN ('starting', 'healthy', 'degraded', 'stopping')"
+
+
+def write_config(
+    tmp_path: Path, terminals: dict[str, list[str]], stop_timeout=5
+) -> Path:
+    lines = []
+    for terminal_type, args in terminals.items():
+        command = ", ".join(
+            f'"{part}"'
+            for part in ["{python}", "-m", "tests.dummy_terminal", terminal_type, *args]
+        )
+        lines += [
+            f"[terminals.{terminal_type}]",
+            f"command = [{command}]",
+            f'working_directory = "{REPO}"',
+            'environment = "testing"',
+            f'log_file = "logs/{terminal_type}.log"',
+            f"stop_timeout = {stop_timeout}",
+            "",
+        ]
+    path = tmp_path / "launcher.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+class LauncherProcess:
+    def __init__(self, env, tmp_path: Path, config: Path, *flags: str) -> None:
+        self.log_path = tmp_path / "launcher.log"
+        self.process = spawn_python(
+            [
+                "-m",
+                "launcher",
+                "--config",
+                str(config),
+                "--check-interval",
+                "1",
+                "--restart-delay",
+                "0.2",
+                "--heartbeat-timeout",
+                "3",
+                *flags,
+            ],
+            env,
+            self.log_path,
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait_log(self, text: str, timeout: float = 60) -> None:
+        wait_for(
+            lambda: text in self.log, timeout=timeout, message=f"launcher log {text!r}"
+        )
+
+
+@pytest.fixture
+def launch(subprocess_env, tmp_path):
+    launched: list[LauncherProcess] = []
+
+    def start(terminals, *flags, stop_timeout=5):
+        config = write_config(tmp_path, terminals, stop_timeout)
+        launcher = LauncherProcess(subprocess_env, tmp_path, config, *flags)
+        launched.append(launcher)
+        return launcher
+
+    yield start
+    for launcher in launched:
+        end_process(launcher.process, timeout=30)
+
+
+def instances(conn, machine_id, terminal_type):
+    return conn.execute(
+        "SELECT * FROM pglive.terminal_instances WHERE machine_id = %s AND terminal_type = %s "
+        "ORDER BY started_at",
+        (machine_id, terminal_type),
+    ).fetchall()
+
+
+def healthy(conn, machine_id, terminal_type):
+    return conn.execute(
+        f"SELECT * FROM pglive.terminal_instances WHERE machine_id = %s AND terminal_type = %s "
+        f"AND {ACTIVE} AND status = 'healthy'",
+        (machine_id, terminal_type),
+    ).fetchone()
+
+
+FAST = ["--heartbeat-interval", "0.5"]
+
+
+def test_kill_9_gives_a_healthy_replacement_before_the_heartbeat_timeout(
+    conn, machine_id, launch
+):
+    launcher = launch(
+        {"terminal1": FAST, "terminal2": FAST}, "--heartbeat-timeout", "60"
+    )
+    first = wait_for(
+        lambda: healthy(conn, machine_id, "terminal2"), message="terminal2"
+    )
+
+    os.kill(first["pid"], signal.SIGKILL)
+
+    replacement = wait_for(
+        lambda: (
+            (r := healthy(conn, machine_id, "terminal2"))
+            and r["id"] != first["id"]
+            and r
+        ),
+        message="a replacement",
+    )
+    crashed = instances(conn, machine_id, "terminal2")[0]
+    assert crashed["status"] == "crashed"
+    assert crashed["status_reason"] == f"process {first['pid']} killed by SIGKILL"
+    assert replacement["replaces_instance_id"] == first["id"]
+    # Replaced well before a 60 s heartbeat timeout could have noticed anything.
+    assert (
+        replacement["started_at"] - crashed["crash_detected_at"]
+    ).total_seconds() < 60
+    for line in (
+        "detected: pid",
+        "marked crashed",
+        "recovery initiated",
+        "restarted: pid",
+    ):
+        assert line in launcher.log
+    assert healthy(conn, machine_id, "terminal1")["id"] is not None
+
+
+def test_a_sigstopped_terminal_is_swept_ended_and_replaced(conn, machine_id, launch):
+    launcher = launch({"terminal1": FAST})
+    frozen = wait_for(
+        lambda: healthy(conn, machine_id, "terminal1"), message="terminal1"
+    )
+
+    os.kill(frozen["pid"], signal.SIGSTOP)
+    try:
+
+        def swept_and_replaced():
+            conn.execute("SELECT * FROM pglive.sweep(NULL, %s)", (machine_id,))
+            replacement = healthy(conn, machine_id, "terminal1")
+            return replacement and replacement["id"] != frozen["id"] and replacement
+
+        wait_for(
+            swept_and_replaced, timeout=60, interval=0.5, message="sweep + replacement"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen["pid"], signal.SIGCONT)
+
+    first = instances(conn, machine_id, "terminal1")[0]
+    assert first["status"] == "crashed"
+    assert "no heartbeat for" in first["status_reason"]
+    wait_for(
+        lambda: not pid_exists(frozen["pid"]), message="the frozen process to be ended"
+    )
+    assert "detected by the database" in launcher.log
+    assert f"ending pid {frozen['pid']}" in launcher.log
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers; it has ended all the same.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def test_a_crash_loop_gets_three_attempts_then_a_recorded_give_up(
+    conn, machine_id, launch, tmp_path
+):
+    marker = tmp_path / "starts"
+    launcher = launch({"terminal3": ["--exit-at-once", "1", "--marker", str(marker)]})
+
+    launcher.wait_log("GAVE UP")
+
+    starts = [float(line.split()[1]) for line in marker.read_text().splitlines()]
+    assert len(starts) == 4  # the first start and exactly 3 restarts
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    # 5/15/30 s scaled by --restart-delay 0.2: 0.2, 0.6, 1.2 s at least.
+    assert [
+        round(g >= d * 0.95) for g, d in zip(gaps, [0.2, 0.6, 1.2], strict=True)
+    ] == [
+        1,
+        1,
+        1,
+    ]
+    scheduled = conn.execute(
+        "SELECT attempt, delay_seconds FROM pglive.recovery_events WHERE machine_id = %s "
+        "AND event = 'restart_scheduled' ORDER BY id",
+        (machine_id,),
+    ).fetchall()
+    assert [(e["attempt"], float(e["delay_seconds"])) for e in scheduled] == [
+        (1, 0.2),
+        (2, 0.6),
+        (3, 1.2),
+    ]
+    give_up = conn.execute(
+        "SELECT * FROM pglive.recovery_give_ups WHERE machine_id = %s", (machine_id,)
+    ).fetchone()
+    assert give_up["still_given_up"] and give_up["terminal_type"] == "terminal3"
+    assert launcher.process.poll() is None  # it keeps supervising
+
+
+def test_no_auto_recovery_restarts_nothing(conn, machine_id, launch):
+    launcher = launch({"terminal2": FAST}, "--no-auto-recovery")
+    first = wait_for(
+        lambda: healthy(conn, machine_id, "terminal2"), message="terminal2"
+    )
+
+    os.kill(first["pid"], signal.SIGKILL)
+
+    launcher.wait_log("auto-recovery is off: not restarting")
+    launcher.wait_log("marked crashed")
+    wait_launcher_beats(conn, machine_id, 3)  # a few check intervals (1 s) later...
+
+    assert [i["status"] for i in instances(conn, machine_id, "terminal2")] == [
+        "crashed"
+    ]
+    assert launcher.process.poll() is None
+
+
+def wait_launcher_beats(conn, machine_id, count: int) -> None:
+    """Wait until the launcher has sent ``count`` more heartbeats: time passing, observed."""
+    seen: list = []
+
+    def beats() -> bool:
+        beat = healthy(conn, machine_id, "launcher")["last_heartbeat"]
+        if not seen or beat != seen[-1]:
+            seen.append(beat)
+        return len(seen) > count
+
+    wait_for(beats, timeout=60, message=f"{count} launcher heartbeats")
+
+
+def test_a_restarted_launcher_adopts_healthy_terminals(conn, machine_id, launch):
+    first_launcher = launch({"terminal1": FAST, "terminal2": FAST})
+    before = {
+        t: wait_for(lambda t=t: healthy(conn, machine_id, t), message=t)
+        for t in ("terminal1", "terminal2")
+    }
+
+    first_launcher.process.kill()
+    first_launcher.process.wait(10)
+    second_launcher = launch({"terminal1": FAST, "terminal2": FAST})
+
+    second_launcher.wait_log("taking over")
+    second_launcher.wait_log("already running", timeout=30)
+    wait_for(
+        lambda: second_launcher.log.count("already running") >= 2,
+        message="both adopted",
+    )
+    after = {t: healthy(conn, machine_id, t) for t in ("terminal1", "terminal2")}
+    assert {t: r["id"] for t, r in after.items()} == {
+        t: r["id"] for t, r in before.items()
+    }
+    for terminal_type in ("terminal1", "terminal2"):
+        assert len(instances(conn, machine_id, terminal_type)) == 1
+
+    # An adopted terminal that dies is still noticed and replaced.
+    os.kill(before["terminal2"]["pid"], signal.SIGKILL)
+    wait_for(
+        lambda: (
+            (r := healthy(conn, machine_id, "terminal2"))
+            and r["id"] != before["terminal2"]["id"]
+        ),
+        message="replacement of an adopted terminal",
+    )
+
+
+def test_sigterm_of_the_launcher_stops_every_instance(conn, machine_id, launch):
+    launcher = launch({"terminal1": FAST, "terminal2": FAST, "terminal3": FAST})
+    for terminal_type in ("terminal1", "terminal2", "terminal3"):
+        wait_for(
+            lambda t=terminal_type: healthy(conn, machine_id, t), message=terminal_type
+        )
+
+    launcher.process.send_signal(signal.SIGTERM)
+
+    assert launcher.process.wait(60) == 0
+    statuses = conn.execute(
+        "SELECT terminal_type, status, stopped_at IS NOT NULL AS has_stopped_at "
+        "FROM pglive.terminal_instances WHERE machine_id = %s ORDER BY terminal_type",
+        (machine_id,),
+    ).fetchall()
+    assert statuses == [
+        {"terminal_type": t, "status": "stopped", "has_stopped_at": True}
+        for t in ("launcher", "terminal1", "terminal2", "terminal3")
+    ]
+
+
+def test_a_dead_launcher_shows_in_the_view(conn, machine_id, launch):
+    launcher = launch({"terminal1": FAST})
+    wait_for(lambda: healthy(conn, machine_id, "terminal1"), message="terminal1")
+
+    launcher.process.kill()
+    launcher.process.wait(10)
+
+    def flagged():
+        conn.execute("SELECT * FROM pglive.sweep(NULL, %s)", (machine_id,))
+        return conn.execute(
+            "SELECT * FROM pglive.machines_without_launcher WHERE machine_id = %s",
+            (machine_id,),
+        ).fetchone()
+
+    row = wait_for(
+        flagged, timeout=30, interval=0.5, message="machine without launcher"
+    )
+    assert row["launcher_status"] == "crashed"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            "[terminals.terminal1]\ncomand = ['x']\n",
+            "unknown key 'terminals.terminal1.comand'",
+        ),
+        ("[terminals.terminal1]\nenabled = true\n", "missing key 'command'"),
+        (
+            "[terminals.terminal9]\ncommand = ['x']\n",
+            "unknown terminal type 'terminal9'",
+        ),
+        ("[terminals.terminal1\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_stops_the_launcher_with_one_line(
+    tmp_path, subprocess_env, content, expected
+):
+    config = tmp_path / "bad.toml"
+    config.write_text(content)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher", "--config", str(config)],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert str(config) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreadable_config_names_the_file(tmp_path, subprocess_env):
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher", "--config", str(tmp_path / "missing.toml")],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "missing.toml: cannot read the config file" in result.stderr
