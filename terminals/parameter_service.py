@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from pglive.registry import TerminalRegistry
+from pglive import TerminalRegistry
 from terminals import service
 from terminals.plc.client import PlcClient, PlcError
 from terminals.plc.regmap import RegisterMap, RegisterValueError

@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from pglive.registry import TerminalRegistry
+from pglive import TerminalRegistry
 from terminals import recipes, service
 from terminals.plc.client import PlcClient, PlcError
 

@@ -23,9 +23,7 @@ import click
 import psycopg
 from psycopg.rows import dict_row
 
-from pglive.errors import PgliveError
-from pglive.registry import TerminalRegistry
-from pglive.runner import configure_logging, run_terminal
+from pglive import PgliveError, TerminalRegistry, configure_logging, run_terminal
 from terminals.plc import regmap
 from terminals.plc.client import PlcClient, PlcConfig, PlcConfigError
 
