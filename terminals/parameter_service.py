@@ -102,10 +102,15 @@ async def _execute(
         await _finish(conn, registry, command_id, "failed", f"refused: {exc}")
         return
 
+    written = None
     try:
         written = await plc.write(name, target)
         read_back = await plc.read(name)
     except PlcError as exc:
+        if written is None:
+            reason = f"PLC error, not written: {exc}"
+        else:
+            reason = f"PLC error: written, but the read-back failed: {exc}"
         registry.record_error(f"parameter {name}: {exc}")
         logger.warning(
             "%s: parameter command %d (%s = %s) failed: %s",
@@ -113,9 +118,9 @@ async def _execute(
             command_id,
             name,
             value,
-            exc,
+            reason,
         )
-        await _finish(conn, registry, command_id, "failed", f"PLC error: {exc}")
+        await _finish(conn, registry, command_id, "failed", reason, written)
         return
 
     if not register.same_value(written, read_back):

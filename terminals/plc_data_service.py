@@ -140,6 +140,44 @@ class ReadingStore:
             self._conn = None
 
 
+class Schedule:
+    """Cycle k is due at start + k * period, so lateness never accumulates.
+
+    A cycle that overruns its slot skips the slots it missed rather than running
+    them back to back.
+    """
+
+    def __init__(self, registry: TerminalRegistry, period: float) -> None:
+        self.registry = registry
+        self.period = period
+        self.loop = asyncio.get_running_loop()
+        self.start = self.loop.time()
+        self.wall_start = datetime.now(UTC)
+        self.cycle = 0
+        self._overrunning = False
+
+    def scheduled_at(self) -> datetime:
+        return self.wall_start + timedelta(seconds=self.cycle * self.period)
+
+    async def wait_next(self) -> None:
+        due = self.cycle + 1
+        ahead = math.floor((self.loop.time() - self.start) / self.period) + 1
+        if ahead > due:
+            # A slow PLC overruns every cycle: say it once, then at debug level.
+            log = logger.debug if self._overrunning else logger.warning
+            log(
+                "%s: read cycle %d took longer than %.1fs, skipping %d slot(s)",
+                self.registry.name,
+                self.cycle,
+                self.period,
+                ahead - due,
+            )
+        self._overrunning = ahead > due
+        self.cycle = max(due, ahead)
+        delay = self.start + self.cycle * self.period - self.loop.time()
+        await asyncio.sleep(max(delay, 0.0))
+
+
 async def work(registry: TerminalRegistry, context: service.ServiceContext) -> None:
     plc = context.plc_client()
     store = ReadingStore(registry)
@@ -147,10 +185,7 @@ async def work(registry: TerminalRegistry, context: service.ServiceContext) -> N
     failing_since: int | None = None
     failed_cycles = 0
 
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    wall_start = datetime.now(UTC)
-    cycle = 0
+    schedule = Schedule(registry, PERIOD_SECONDS)
     logger.info(
         "%s reading %d values from the %s every %.1fs",
         registry.name,
@@ -160,7 +195,7 @@ async def work(registry: TerminalRegistry, context: service.ServiceContext) -> N
     )
     try:
         while True:
-            scheduled_at = wall_start + timedelta(seconds=cycle * PERIOD_SECONDS)
+            cycle, scheduled_at = schedule.cycle, schedule.scheduled_at()
             sampled_at = datetime.now(UTC)
             try:
                 values = await plc.read_all()
@@ -192,8 +227,7 @@ async def work(registry: TerminalRegistry, context: service.ServiceContext) -> N
                     failing_since = None
                     failed_cycles = 0
 
-            cycle = _next_cycle(cycle, start, loop.time(), registry)
-            await asyncio.sleep(max(start + cycle * PERIOD_SECONDS - loop.time(), 0.0))
+            await schedule.wait_next()
     finally:
         plc.close()
         flusher.cancel()
@@ -209,23 +243,6 @@ async def work(registry: TerminalRegistry, context: service.ServiceContext) -> N
                 _first_line(exc),
             )
         await store.close()
-
-
-def _next_cycle(
-    cycle: int, start: float, now: float, registry: TerminalRegistry
-) -> int:
-    """The next slot still ahead of now; slots an overrun missed are skipped."""
-    due = cycle + 1
-    behind = math.floor((now - start) / PERIOD_SECONDS) + 1
-    if behind > due:
-        logger.warning(
-            "%s: read cycle %d overran, skipping %d slot(s)",
-            registry.name,
-            cycle,
-            behind - due,
-        )
-        return behind
-    return due
 
 
 def _first_line(exc: BaseException) -> str:

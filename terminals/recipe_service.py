@@ -108,6 +108,8 @@ class RecipeRun:
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._abort = asyncio.Event()
+        # Set by pause and abort, so a long wait step notices them at once.
+        self._interrupt = asyncio.Event()
         self._conn: psycopg.AsyncConnection | None = None
         self._last_progress = 0.0
         self._last_cycle: int | None = None
@@ -121,6 +123,7 @@ class RecipeRun:
     def pause(self) -> None:
         self.paused = True
         self._resumed.clear()
+        self._interrupt.set()
 
     def resume(self) -> None:
         self.paused = False
@@ -129,6 +132,7 @@ class RecipeRun:
     def abort(self) -> None:
         self._abort.set()
         self._resumed.set()
+        self._interrupt.set()
 
     async def execute(self) -> None:
         outcome, error = Outcome.COMPLETED, None
@@ -172,6 +176,7 @@ class RecipeRun:
             "%s: run %d paused at %s", self.registry.name, self.run_id, self._where()
         )
         await self._resumed.wait()
+        self._interrupt.clear()
         if self._abort.is_set():
             raise RunAborted
         logger.info("%s: run %d resumed", self.registry.name, self.run_id)
@@ -183,12 +188,27 @@ class RecipeRun:
             assert step.target is not None and planned.value is not None
             await self._write_with_one_retry(step.target, planned.value)
         elif step.kind == "wait":
+            await self._wait(step.duration_ms or 0)
+
+    async def _wait(self, duration_ms: int) -> None:
+        """Wait the step's time; a pause inside it holds the clock, an abort ends it.
+
+        TODO: a pause in the middle of a precursor pulse closes the valve and resume
+        does not reopen it, so that pulse gives a short dose. Restarting the cycle on
+        resume would be better ALD practice, but needs the recipe to say where a
+        cycle starts.
+        """
+        loop = asyncio.get_running_loop()
+        remaining = duration_ms / 1000
+        while remaining > 0:
+            started = loop.time()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._abort.wait(), (step.duration_ms or 0) / 1000
-                )
+                await asyncio.wait_for(self._interrupt.wait(), remaining)
+            remaining -= loop.time() - started
             if self._abort.is_set():
                 raise RunAborted
+            if self.paused:
+                await self._checkpoint()
 
     async def _write_with_one_retry(self, name: str, value: Any) -> None:
         """A single lost packet should not ruin a run; a second failure does."""

@@ -349,8 +349,9 @@ class PlcClient:
         return modbus
 
     def _lose(self, reason: str) -> None:
+        # The caller reports the failure; this line is only for following the cause.
         if self._modbus is not None:
-            logger.info("%s: %s, reconnecting", self.description, reason)
+            logger.debug("%s: %s, dropping the connection", self.description, reason)
             self._modbus.close()
             self._modbus = None
 

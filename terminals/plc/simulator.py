@@ -374,6 +374,13 @@ _port_option = click.option(
     show_default=True,
     help="TCP port; 0 picks a free one and prints it.",
 )
+_target_port_option = click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=5020,
+    show_default=True,
+    help="TCP port of the running simulator.",
+)
 _map_option = click.option(
     "--register-map",
     "register_map_path",
@@ -432,7 +439,7 @@ def plc_sim_cli(
     help="Delay per answer in latency mode.",
 )
 @_host_option
-@_port_option
+@_target_port_option
 def fault_command(
     mode: str, duration: float, latency_ms: int, host: str, port: int
 ) -> None:
@@ -465,7 +472,7 @@ def fault_command(
 
 @plc_sim_cli.command("status")
 @_host_option
-@_port_option
+@_target_port_option
 def status_command(host: str, port: int) -> None:
     """Print the fault switch and request counters of a running simulator."""
     _quiet_logging()

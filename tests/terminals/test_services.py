@@ -122,7 +122,7 @@ def test_readings_are_stored_every_second(conn, machine_id, services, simulator)
     assert gaps == {timedelta(seconds=1)}
     assert set(rows[-1]["data"]) == set(simulator.plc_map.reactor.registers)
     wait_for(
-        lambda: instance(conn, machine_id, "terminal1")["commands_processed"] >= 6,
+        lambda: instance(conn, machine_id, "terminal1")["commands_processed"] >= 5,
         timeout=10,
         message="a command counted per read cycle",
     )
@@ -336,3 +336,65 @@ def test_a_fenced_instance_claims_no_command(conn, machine_id, services, simulat
         timeout=30,
         message="the next instance to take the command",
     )
+
+
+def test_pause_closes_the_precursors_resume_goes_on_abort_ends_the_run(
+    conn, machine_id, services, simulator
+):
+    queue_hold_recipe(conn, machine_id)
+    services.start("recipe_service")
+    wait_for(
+        lambda: simulator.read("precursor_a_valve") is True,
+        timeout=30,
+        message="the recipe to open precursor A",
+    )
+
+    def command(name):
+        command_id = conn.execute(
+            "INSERT INTO ald.recipe_commands (machine_id, command) VALUES (%s, %s)"
+            " RETURNING id",
+            (machine_id, name),
+        ).fetchone()["id"]
+        return wait_for(
+            lambda: (
+                (
+                    row := conn.execute(
+                        "SELECT * FROM ald.recipe_commands WHERE id = %s", (command_id,)
+                    ).fetchone()
+                )["status"]
+                != "queued"
+                and row
+            ),
+            timeout=30,
+            message=f"the {name} command to be settled",
+        )
+
+    assert command("pause")["status"] == "done"
+    wait_for(
+        lambda: run_of(conn, machine_id)["state"] == "paused",
+        timeout=10,
+        message="the run to pause",
+    )
+    assert simulator.read("precursor_a_valve") is False
+
+    refused = command("pause")
+    assert (refused["status"], refused["error"]) == (
+        "failed",
+        f"run {run_of(conn, machine_id)['id']} is already paused",
+    )
+    assert command("resume")["status"] == "done"
+    wait_for(
+        lambda: run_of(conn, machine_id)["state"] == "running",
+        timeout=10,
+        message="the run to resume",
+    )
+    assert command("abort")["status"] == "done"
+
+    run = wait_for(
+        lambda: (row := run_of(conn, machine_id))["state"] == "finished" and row,
+        timeout=10,
+        message="the run to end",
+    )
+    assert (run["outcome"], run["error"]) == ("aborted", "aborted by command")
+    assert simulator.read("precursor_a_valve") is False
+    assert command("abort")["error"] == "no run in progress to abort"
