@@ -73,9 +73,7 @@ def connect(
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
         )
     except psycopg.Error as error:
-        raise errors.DatabaseUnavailableError(
-            f"cannot connect to PostgreSQL: {errors.describe_connection_error(error)}"
-        ) from None
+        raise _connection_error(error) from None
 
 
 async def connect_async(
@@ -90,9 +88,17 @@ async def connect_async(
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
         )
     except psycopg.Error as error:
-        raise errors.DatabaseUnavailableError(
-            f"cannot connect to PostgreSQL: {errors.describe_connection_error(error)}"
-        ) from None
+        raise _connection_error(error) from None
+
+
+def _connection_error(error: psycopg.Error) -> errors.PgliveError:
+    """A bad DSN is a configuration error (retrying cannot help); the rest is an outage."""
+    description = errors.describe_connection_error(error)
+    if isinstance(error, psycopg.ProgrammingError):
+        return errors.ConfigurationError(f"invalid DSN: {description}")
+    return errors.DatabaseUnavailableError(
+        f"cannot connect to PostgreSQL: {description}"
+    )
 
 
 @contextlib.contextmanager
