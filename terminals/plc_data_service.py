@@ -257,4 +257,8 @@ main = service.service_command(
 )
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module, not this __main__ copy, so log lines carry the real
+    # logger name (terminals.plc_data_service) instead of __main__.
+    from terminals.plc_data_service import main as imported_main
+
+    imported_main()

@@ -496,4 +496,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module, not this __main__ copy, so log lines carry the real
+    # logger name (terminals.plc.simulator) instead of __main__.
+    from terminals.plc.simulator import main as imported_main
+
+    imported_main()

@@ -10,6 +10,7 @@ from datetime import timedelta
 from itertools import pairwise
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.helpers import end_process, spawn_python, wait_for
@@ -398,3 +399,38 @@ def test_pause_closes_the_precursors_resume_goes_on_abort_ends_the_run(
     assert (run["outcome"], run["error"]) == ("aborted", "aborted by command")
     assert simulator.read("precursor_a_valve") is False
     assert command("abort")["error"] == "no run in progress to abort"
+
+
+def test_readings_taken_while_the_database_is_down_are_stored_later(
+    database, dsn, machine_id, services, simulator
+):
+    def cycles():
+        with psycopg.connect(dsn, autocommit=True) as fresh:
+            rows = fresh.execute(
+                "SELECT cycle FROM ald.readings WHERE machine_id = %s ORDER BY cycle",
+                (machine_id,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    process = services.start("plc_data_service")
+    wait_for(lambda: cycles(), timeout=30, message="a first batch of readings")
+
+    database.stop()
+    try:
+        reads = simulator.status()["read_requests"]
+        # Four requests per cycle: three more cycles read while nothing can be stored.
+        wait_for(
+            lambda: simulator.status()["read_requests"] >= reads + 12,
+            timeout=30,
+            message="read cycles during the database outage",
+        )
+    finally:
+        database.start()
+
+    stored = wait_for(
+        lambda: (found := cycles()) and len(found) >= 12 and found,
+        timeout=45,
+        message="the buffered readings to reach the database",
+    )
+    assert stored == list(range(stored[0], stored[0] + len(stored)))
+    assert process.poll() is None
