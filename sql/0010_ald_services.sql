@@ -45,6 +45,9 @@ CREATE TABLE IF NOT EXISTS ald.readings (
 CREATE INDEX IF NOT EXISTS readings_machine_sampled_idx
     ON ald.readings (machine_id, sampled_at);
 
+-- TODO: readings grow by 86,400 rows per machine and day and nothing prunes them; add a
+-- retention job (pg_cron, like pglive's own pruning) once the retention period is decided.
+
 COMMENT ON TABLE ald.readings IS
     'One row per successful read cycle of the PLC data service: cycle is the slot number on '
     'the instance''s fixed schedule (scheduled_at = start + cycle * period), data maps register '

@@ -5,7 +5,8 @@
 A row in ald.parameter_commands (name, value, requested_by) is claimed, checked against
 the register map (known, writable, within min/max), written to the PLC and read back.
 It ends done (with the value written and the value read back) or failed with the
-reason. A refused request never reaches the PLC. --demo queues nothing here.
+reason. A refused request never reaches the PLC. --demo queues two requests at start:
+one in range (done) and one above the maximum (refused).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 async def work(registry: TerminalRegistry, context: service.ServiceContext) -> None:
     plc = context.plc_client()
     retry = service.Retry()
+    demo_queued = False
     try:
         while True:
             try:
@@ -44,6 +46,9 @@ async def work(registry: TerminalRegistry, context: service.ServiceContext) -> N
                 async with conn:
                     await conn.execute(service.query("listen_parameter_commands"))
                     await _fail_orphans(conn, registry)
+                    if context.demo and not demo_queued:
+                        await _queue_demo(conn, registry)
+                        demo_queued = True
                     retry.reset()
                     await _serve(conn, registry, plc, context.plc_map.reactor)
             except psycopg.OperationalError as exc:
@@ -172,6 +177,27 @@ async def _finish(
             "written_value": None if written_value is None else float(written_value),
             "read_back": None if read_back is None else float(read_back),
         },
+    )
+
+
+DEMO_REQUESTS = (("heater_setpoint", 180.0), ("heater_setpoint", 900.0))
+
+
+async def _queue_demo(
+    conn: psycopg.AsyncConnection[Any], registry: TerminalRegistry
+) -> None:
+    for name, value in DEMO_REQUESTS:
+        await conn.execute(
+            service.query("queue_parameter_command"),
+            {
+                "machine_id": registry.machine_id,
+                "name": name,
+                "value": value,
+                "requested_by": f"{registry.terminal_type} --demo",
+            },
+        )
+    logger.info(
+        "%s: demo parameter requests queued (one will be refused)", registry.name
     )
 
 

@@ -9,7 +9,7 @@ degraded from the error rate). A PLC outage never stops the service: reads fail 
 while the client backs off, and succeed again when the PLC is back.
 
 Readings are stored in batches by a task of their own, so a slow or absent database
-never delays a read. --demo changes nothing here; it is accepted like in the others.
+never delays a read. --demo also logs the measurements every ten cycles.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ MAX_BATCH_AGE_SECONDS = 5.0
 # About an hour of readings survive a database outage; older ones are dropped first.
 MAX_BUFFERED_READINGS = 3600
 FINAL_FLUSH_TIMEOUT_SECONDS = 5.0
+DEMO_SUMMARY_EVERY = 10  # cycles between the --demo summary lines
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,8 @@ async def work(registry: TerminalRegistry, context: service.ServiceContext) -> N
             else:
                 registry.increment_commands()
                 store.add(Reading(cycle, scheduled_at, sampled_at, values))
+                if context.demo and cycle % DEMO_SUMMARY_EVERY == 0:
+                    logger.info("%s: %s", registry.name, _summary(context, values))
                 if failing_since is not None:
                     logger.info(
                         "%s: PLC reads work again after %d failed cycles",
@@ -243,6 +246,18 @@ async def work(registry: TerminalRegistry, context: service.ServiceContext) -> N
                 _first_line(exc),
             )
         await store.close()
+
+
+def _summary(context: service.ServiceContext, values: dict[str, Any]) -> str:
+    """The measurements (not the setpoints) of one cycle, with their units."""
+    parts = []
+    for register in context.plc_map.reactor:
+        if register.writable:
+            continue
+        value = values[register.name]
+        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
+        parts.append(f"{register.name} {shown} {register.unit}".rstrip())
+    return ", ".join(parts)
 
 
 def _first_line(exc: BaseException) -> str:

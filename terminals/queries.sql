@@ -41,6 +41,12 @@ SET status = %(status)s, error = %(error)s, written_value = %(written_value)s,
     read_back = %(read_back)s, finished_at = now()
 WHERE id = %(id)s AND claimed_by = %(instance_id)s AND status = 'running'
 
+-- name: queue_parameter_command
+-- Queue a parameter write (used by --demo; operators insert rows the same way).
+INSERT INTO ald.parameter_commands (machine_id, name, value, requested_by)
+VALUES (%(machine_id)s, %(name)s, %(value)s, %(requested_by)s)
+RETURNING id
+
 -- name: fail_orphaned_parameter_commands
 -- Fail writes claimed but never settled (the instance died, or lost the database before it
 -- recorded the result); run on every (re)connect, when this instance has none in hand.
