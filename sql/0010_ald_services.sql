@@ -15,7 +15,8 @@
 -- pglive.lock_active_instance(), so an instance that has been replaced (fenced) can never
 -- take work, even between two of its heartbeats.
 --
--- Safe to re-apply: everything is IF NOT EXISTS or CREATE OR REPLACE.
+-- Safe to re-apply: everything is IF NOT EXISTS or CREATE OR REPLACE. Like every migration,
+-- the file records itself in pglive.schema_migration as its last statement.
 
 CREATE SCHEMA IF NOT EXISTS ald;
 
@@ -250,3 +251,5 @@ GRANT SELECT, INSERT ON ald.readings TO pglive_terminal;
 GRANT SELECT, INSERT ON ald.recipes, ald.recipe_steps TO pglive_terminal;
 GRANT SELECT, INSERT, UPDATE ON ald.recipe_commands, ald.recipe_runs TO pglive_terminal;
 GRANT SELECT, INSERT, UPDATE ON ald.parameter_commands TO pglive_terminal;
+
+INSERT INTO pglive.schema_migration (name) VALUES ('0010_ald_services') ON CONFLICT (name) DO NOTHING;

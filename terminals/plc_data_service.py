@@ -236,6 +236,8 @@ async def work(registry: TerminalRegistry, context: service.ServiceContext) -> N
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
+        # The flusher may have been cancelled inside a query: start afresh.
+        await store.close()
         try:
             await asyncio.wait_for(store.flush(), FINAL_FLUSH_TIMEOUT_SECONDS)
         except (psycopg.Error, TimeoutError) as exc:

@@ -86,6 +86,69 @@ async def close_precursors(
     return False
 
 
+class ProgressReporter:
+    """Writes a run's latest progress from a task of its own.
+
+    Valve timing must never wait on the database: a step only hands over its
+    progress, and a slow or absent database just means fewer, later updates.
+    """
+
+    def __init__(self, registry: TerminalRegistry, run_id: int) -> None:
+        self.registry = registry
+        self.run_id = run_id
+        self._latest: dict[str, Any] | None = None
+        self._wanted = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(
+            self._write_forever(), name=f"run {self.run_id} progress"
+        )
+
+    def report(self, params: dict[str, Any]) -> None:
+        self._latest = params
+        self._wanted.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _write_forever(self) -> None:
+        retry = service.Retry()
+        conn: psycopg.AsyncConnection | None = None
+        try:
+            while True:
+                await self._wanted.wait()
+                self._wanted.clear()
+                try:
+                    if conn is None or conn.closed:
+                        conn = await service.connect(
+                            self.registry, f"run {self.run_id}"
+                        )
+                    await conn.execute(
+                        service.query("update_run_progress"), self._latest
+                    )
+                except psycopg.Error as exc:
+                    if retry.failures == 0:
+                        logger.warning(
+                            "%s: run %d: progress not recorded (%s); the run goes on",
+                            self.registry.name,
+                            self.run_id,
+                            _first_line(exc),
+                        )
+                    conn = None
+                    self._wanted.set()
+                    await retry.sleep()
+                    continue
+                retry.reset()
+        finally:
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
+
+
 class RecipeRun:
     """One execution of a planned recipe, with its pause and abort controls."""
 
@@ -110,7 +173,7 @@ class RecipeRun:
         self._abort = asyncio.Event()
         # Set by pause and abort, so a long wait step notices them at once.
         self._interrupt = asyncio.Event()
-        self._conn: psycopg.AsyncConnection | None = None
+        self._reporter = ProgressReporter(registry, run_id)
         self._last_progress = 0.0
         self._last_cycle: int | None = None
         self.current: recipes.PlannedStep | None = None
@@ -144,11 +207,12 @@ class RecipeRun:
             len(self.plan.steps),
             self.plan.total_cycles or "no",
         )
+        self._reporter.start()
         try:
             for planned in self.plan.steps:
                 await self._checkpoint()
                 self.current = planned
-                await self._progress()
+                self._progress()
                 await self._perform(planned)
                 self.steps_done += 1
                 self.registry.increment_commands()
@@ -171,7 +235,7 @@ class RecipeRun:
         await close_precursors(
             self.registry, self.plc, self.safe_valves, f"run {self.run_id} paused"
         )
-        await self._progress(force=True)
+        self._progress(force=True)
         logger.info(
             "%s: run %d paused at %s", self.registry.name, self.run_id, self._where()
         )
@@ -180,7 +244,7 @@ class RecipeRun:
         if self._abort.is_set():
             raise RunAborted
         logger.info("%s: run %d resumed", self.registry.name, self.run_id)
-        await self._progress(force=True)
+        self._progress(force=True)
 
     async def _perform(self, planned: recipes.PlannedStep) -> None:
         step = planned.step
@@ -240,29 +304,18 @@ class RecipeRun:
             "steps_done": self.steps_done,
         }
 
-    async def _progress(self, force: bool = False) -> None:
-        """Record progress now and then; a database hiccup never stops the run."""
+    def _progress(self, force: bool = False) -> None:
+        """Hand progress to the reporter now and then: every new cycle, or 0.5 s."""
         cycle = self.current.cycle if self.current else None
         now = time.monotonic()
         due = now - self._last_progress >= PROGRESS_INTERVAL_SECONDS
         if not (force or due or cycle != self._last_cycle):
             return
         self._last_progress, self._last_cycle = now, cycle
-        try:
-            conn = await self._connection()
-            await conn.execute(
-                service.query("update_run_progress"), self._progress_params()
-            )
-        except psycopg.Error as exc:
-            await self._drop_connection()
-            logger.warning(
-                "%s: run %d: progress not recorded (%s); the run goes on",
-                self.registry.name,
-                self.run_id,
-                str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
-            )
+        self._reporter.report(self._progress_params())
 
     async def _end(self, outcome: Outcome, error: str | None) -> None:
+        await self._reporter.stop()
         if self.registry.fenced:
             # Replaced: the new instance owns the reactor now (it closes the precursor
             # valves and marks this run interrupted). Touching the PLC here could
@@ -272,7 +325,6 @@ class RecipeRun:
                 self.registry.name,
                 self.run_id,
             )
-            await self._drop_connection()
             return
 
         await close_precursors(
@@ -280,11 +332,7 @@ class RecipeRun:
         )
         params = self._progress_params() | {"outcome": str(outcome), "error": error}
         try:
-            conn = await asyncio.wait_for(self._connection(), FINISH_DEADLINE_SECONDS)
-            await asyncio.wait_for(
-                conn.execute(service.query("finish_run"), params),
-                FINISH_DEADLINE_SECONDS,
-            )
+            await asyncio.wait_for(self._record_end(params), FINISH_DEADLINE_SECONDS)
         except (psycopg.Error, TimeoutError) as exc:
             logger.error(
                 "%s: run %d ended %s but the database did not record it (%s); the next"
@@ -294,8 +342,6 @@ class RecipeRun:
                 outcome,
                 exc,
             )
-        finally:
-            await self._drop_connection()
 
         log = logger.info if outcome == Outcome.COMPLETED else logger.warning
         log(
@@ -308,16 +354,9 @@ class RecipeRun:
             f": {error}" if error else "",
         )
 
-    async def _connection(self) -> psycopg.AsyncConnection:
-        if self._conn is None or self._conn.closed:
-            self._conn = await service.connect(self.registry, f"run {self.run_id}")
-        return self._conn
-
-    async def _drop_connection(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                await self._conn.close()
-            self._conn = None
+    async def _record_end(self, params: dict[str, Any]) -> None:
+        async with await service.connect(self.registry, f"run {self.run_id}") as conn:
+            await conn.execute(service.query("finish_run"), params)
 
 
 class RecipeService:
