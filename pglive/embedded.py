@@ -150,7 +150,8 @@ def layout(home: Path | None = None) -> ClusterLayout:
         data_dir=base / "data",
         # Socket paths are limited to about 107 bytes: keep this one short.
         socket_dir=Path("/tmp") / f"pglive-{digest}",
-        log_file=home / "logs" / "postgresql.log",
+        # The server writes this log as the postgres user when root: beside the data.
+        log_file=base / "logs" / "postgresql.log",
         port=_free_port(),
     )
     home.mkdir(parents=True, exist_ok=True)
@@ -304,13 +305,21 @@ class EmbeddedCluster:
             )
             if result.returncode != 0:
                 raise EmbeddedClusterError(
-                    f"PostgreSQL did not start; see {self.layout.log_file} "
-                    f"({(result.stderr or result.stdout).strip().splitlines()[-1:]})"
+                    f"PostgreSQL did not start: {self._last_server_error()} "
+                    f"(log: {self.layout.log_file})"
                 )
 
         self._wait_until_accepting(timeout)
         self._ensure_database()
         return self.dsn
+
+    def _last_server_error(self) -> str:
+        try:
+            lines = self.layout.log_file.read_text(errors="replace").splitlines()
+        except OSError as error:
+            return f"no server log ({error.strerror})"
+        problems = [line for line in lines if "FATAL" in line or "ERROR" in line]
+        return (problems or lines or ["the server log is empty"])[-1].strip()
 
     def _wait_until_accepting(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
