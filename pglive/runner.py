@@ -61,7 +61,10 @@ def run_terminal(registry: TerminalRegistry, work: Work) -> int:
     SIGTERM or SIGINT cancel the work (its ``finally`` blocks put the equipment in a safe
     state), then the stop is recorded: exit 0. A fenced instance cancels its work at once
     and exits 4 without recording anything; a duplicate exits 3; a failed work exits 1.
+    Logging not configured yet is configured for the registry's ``log_file_path``.
     """
+    if not logging.getLogger().handlers:
+        configure_logging(registry.log_file_path)
     return asyncio.run(_run(registry, work))
 
 

@@ -275,3 +275,31 @@ def test_make_demo_chaos(demo_env):
         "every step behaved as expected",
     ):
         assert expected in output, output
+
+
+def test_the_terminal_example_runs(conn, machine_id, subprocess_env, tmp_path):
+    (example,) = blocks("python")
+    log_file = tmp_path / "terminal2.log"
+    script = tmp_path / "example_terminal.py"
+    script.write_text(example.replace("/var/log/pglive/terminal2.log", str(log_file)))
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=subprocess_env | {"PGLIVE_HEARTBEAT_INTERVAL": "1"},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: conn.execute(
+                "SELECT 1 FROM pglive.active_terminals WHERE machine_id = %s "
+                "AND terminal_type = 'terminal2' AND status = 'healthy'",
+                (machine_id,),
+            ).fetchone(),
+            message="the example terminal healthy",
+        )
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        end_process(process)
+    assert "registered as instance" in log_file.read_text()
