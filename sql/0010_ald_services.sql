@@ -252,4 +252,6 @@ GRANT SELECT, INSERT ON ald.recipes, ald.recipe_steps TO pglive_terminal;
 GRANT SELECT, INSERT, UPDATE ON ald.recipe_commands, ald.recipe_runs TO pglive_terminal;
 GRANT SELECT, INSERT, UPDATE ON ald.parameter_commands TO pglive_terminal;
 
-INSERT INTO pglive.schema_migration (name) VALUES ('0010_ald_services') ON CONFLICT (name) DO NOTHING;
+INSERT INTO pglive.schema_migration (name)
+VALUES ('0010_ald_services')
+ON CONFLICT (name) DO NOTHING;

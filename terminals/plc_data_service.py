@@ -1,6 +1,6 @@
-"""terminal1, the PLC data service: every mapped value, once a second, into ald.readings.
+"""terminal1, the PLC data service: all mapped values, once a second, into ald.readings.
 
-    python -m terminals.plc_data_service [--demo] [--machine-id ID] [--log-file PATH] ...
+    python -m terminals.plc_data_service [--demo] [--machine-id ID] [--log-file F] ...
 
 Cycle k is due at start + k seconds, whatever the previous cycles took, so the schedule
 never drifts; a cycle that overruns skips the slots it missed. Each successful cycle

@@ -15,7 +15,7 @@ from typing import Any
 from terminals.plc.regmap import RegisterMap, RegisterValueError, Value
 
 STEP_KINDS = ("open_valve", "close_valve", "set_parameter", "wait", "repeat")
-# A recipe that expands beyond this is a mistake (a repeat count typed with extra zeros).
+# A recipe that expands beyond this is a mistake (a repeat count with extra zeros).
 MAX_PLANNED_STEPS = 1_000_000
 
 

@@ -165,7 +165,7 @@ def service_command(terminal_type: str, help_text: str, work: Work) -> click.Com
     ) -> None:
         log_file = log_file or os.environ.get("PGLIVE_LOG_FILE") or None
         configure_logging(log_file, level=log_level.upper())
-        # pymodbus logs every timeout at error level; our client reports failures itself,
+        # pymodbus logs every timeout at error level; our client reports failures,
         # one readable line each.
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 

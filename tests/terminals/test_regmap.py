@@ -1,4 +1,4 @@
-"""The register map: the shipped file is valid, mistakes are named, values round-trip."""
+"""The register map: the shipped file is valid, mistakes named, values round-trip."""
 
 from __future__ import annotations
 

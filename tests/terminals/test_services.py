@@ -1,4 +1,4 @@
-"""The three terminals end to end: real simulator, real service processes, real PostgreSQL."""
+"""The three terminals end to end: simulator, services and PostgreSQL, all real."""
 
 from __future__ import annotations
 
