@@ -66,3 +66,25 @@ SELECT pg_advisory_xact_lock(hashtext('pglive.migrate'))
 -- name: migration_table_exists
 -- Whether pglive was ever migrated here.
 SELECT to_regclass('pglive.schema_migration') IS NOT NULL
+
+-- name: cli_instance
+-- One instance by id, for the heading of `pglive history`.
+SELECT id, machine_id, terminal_type, status, pid, hostname, started_at
+FROM pglive.terminal_instances
+WHERE id = %(instance_id)s::uuid
+
+-- name: cli_launchers
+-- The newest launcher of one machine, or of every machine when machine_id is NULL.
+SELECT *
+FROM pglive.launchers
+WHERE %(machine_id)s::uuid IS NULL OR machine_id = %(machine_id)s::uuid
+ORDER BY machine_id
+
+-- name: cli_recovery_decision
+-- What a launcher would do about a slot now; raises for an unknown terminal type.
+SELECT action, attempt, max_attempts, reason
+FROM pglive.recovery_decision(%(machine_id)s::uuid, %(terminal_type)s)
+
+-- name: cli_reset_recovery
+-- Forget the restart attempts and any give-up of a slot.
+SELECT pglive.reset_recovery(%(machine_id)s::uuid, %(terminal_type)s)

@@ -1,0 +1,3 @@
+from pglive.cli import main
+
+main()
