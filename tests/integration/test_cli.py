@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -222,6 +223,73 @@ def test_status_watch_refreshes_until_ctrl_c(
     assert "terminal1" in output.read_text()
 
 
+def test_status_colours_the_status_on_a_terminal(conn, machine_id, subprocess_env):
+    heartbeat(conn, register(conn, machine_id))
+    env = {k: v for k, v in subprocess_env.items() if k != "NO_COLOR"}
+    leader, follower = pty.openpty()
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pglive", "status"],
+        env=env,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=subprocess.PIPE,
+    )
+    os.close(follower)
+    output = read_until_closed(leader)
+    exit_code = process.wait(timeout=CLI_TIMEOUT_SECONDS)
+
+    assert exit_code == 0, process.stderr.read()
+    assert "\x1b[32mhealthy\x1b[0m" in output
+
+
+def read_until_closed(fd: int) -> str:
+    """Everything written to a pty until its other end closes (EIO on Linux)."""
+    chunks = []
+    with contextlib.suppress(OSError):
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode()
+
+
+def test_status_watch_survives_a_server_restart(
+    conn, database, machine_id, subprocess_env, tmp_path
+):
+    register(conn, machine_id)
+    output = tmp_path / "watch.out"
+    frames = "Every 0.2s: pglive status"
+
+    with open(output, "wb") as sink:
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "pglive", "status", "--watch", "0.2"],
+            env=subprocess_env,
+            cwd=REPO,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_for(lambda: frames in output.read_text(), message="a first frame")
+        database.stop()
+        try:
+            wait_for(
+                lambda: "(retrying)" in output.read_text(), message="an error frame"
+            )
+        finally:
+            database.start()
+        wait_for(
+            lambda: "terminal1" in output.read_text().rsplit("(retrying)", 1)[1],
+            message="a frame with the table after the restart",
+        )
+        assert watcher.poll() is None
+    finally:
+        end_process(watcher)
+
+    assert "Traceback" not in output.read_text()
+
+
 # --- history, crash, sweep, migrate -----------------------------------------------------
 
 
@@ -376,6 +444,20 @@ def test_a_bad_machine_id_is_a_usage_error(subprocess_env):
 
     assert "'ald-01'" in assert_one_line_error(from_option, 2)
     assert "MACHINE_ID='ald-02'" in assert_one_line_error(from_env, 2)
+
+
+def test_db_start_without_pg_cron_names_the_package(subprocess_env, tmp_path):
+    env = subprocess_env | {
+        "PGLIVE_HOME": str(tmp_path / "home"),
+        "PGLIVE_PG_BINDIR": str(
+            tmp_path / "99" / "bin"
+        ),  # a PostgreSQL with no pg_cron
+    }
+
+    result = run_cli(env, "db", "start")
+
+    line = assert_one_line_error(result, 1)
+    assert "postgresql-99-cron" in line
 
 
 def test_plc_simulator_is_mounted(subprocess_env):
