@@ -47,16 +47,20 @@ def resolve_dsn(dsn: str | None = None, *, start_embedded: bool = False) -> str:
     if os.environ.get("PGLIVE_DSN"):
         return os.environ["PGLIVE_DSN"]
 
-    from pglive.embedded import EmbeddedCluster
+    from pglive.embedded import EmbeddedCluster, default_home
 
-    cluster = EmbeddedCluster()
+    home = default_home()
+    no_database = errors.DatabaseUnavailableError(
+        f"no database: pass --dsn, set PGLIVE_DSN, or start the embedded one with "
+        f"'pglive db start' (PGLIVE_HOME={home})"
+    )
+    if not start_embedded and not (home / "cluster.json").exists():
+        raise no_database
+    cluster = EmbeddedCluster(home)
     if start_embedded:
         return cluster.start()
     if not cluster.running():
-        raise errors.DatabaseUnavailableError(
-            f"no database: pass --dsn, set PGLIVE_DSN, or start the embedded one with "
-            f"'pglive db start' (PGLIVE_HOME={cluster.layout.home})"
-        )
+        raise no_database
     return cluster.dsn
 
 

@@ -90,4 +90,6 @@ def describe_connection_error(error: BaseException) -> str:
     """One line about a connection failure, with no password in it."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
-    return redact(text.removeprefix("connection failed: "))
+    for prefix in ("connection is bad: ", "connection failed: "):
+        text = text.removeprefix(prefix)
+    return redact(text)

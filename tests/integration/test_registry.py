@@ -152,6 +152,7 @@ def test_counters_sum_exactly_across_forced_reconnects(
         "        if _ % 7 == 0:\n"
         "            registry.record_error('every seventh')\n"
         "        await asyncio.sleep(0.01)\n"
+        f"    open({str(tmp_path / 'done')!r}, 'w').close()\n"
         "    await asyncio.sleep(3600)\n"
         "registry = TerminalRegistry('terminal1', heartbeat_interval=0.2)\n"
         "configure_logging()\n"
@@ -172,6 +173,9 @@ def test_counters_sum_exactly_across_forced_reconnects(
                 ).fetchone(),
                 message="a heartbeat connection to kill",
             )
+        wait_for(
+            lambda: (tmp_path / "done").exists(), message="all 300 commands counted"
+        )
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     finally:
