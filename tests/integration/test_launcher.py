@@ -372,3 +372,51 @@ def test_unreadable_config_names_the_file(tmp_path, subprocess_env):
 
     assert result.returncode == 2
     assert "missing.toml: cannot read the config file" in result.stderr
+
+
+def test_a_terminal_dying_while_postgresql_is_down_is_replaced_when_it_is_back(
+    database, dsn, machine_id, launch
+):
+    import psycopg
+    from psycopg.rows import dict_row
+
+    def connect():
+        return psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
+
+    launcher = launch({"terminal1": FAST, "terminal2": FAST})
+    with connect() as conn:
+        survivor = wait_for(
+            lambda: healthy(conn, machine_id, "terminal1"), message="t1"
+        )
+        victim = wait_for(lambda: healthy(conn, machine_id, "terminal2"), message="t2")
+
+    database.stop()
+    try:
+        os.kill(victim["pid"], signal.SIGKILL)
+        launcher.wait_log("database unreachable")
+    finally:
+        database.start()
+
+    with connect() as conn:
+        replacement = wait_for(
+            lambda: (
+                (r := healthy(conn, machine_id, "terminal2"))
+                and r["id"] != victim["id"]
+                and r
+            ),
+            timeout=90,
+            message="terminal2 replaced once the database is back",
+        )
+        crashed = conn.execute(
+            "SELECT status, status_reason FROM pglive.terminal_instances WHERE id = %s",
+            (victim["id"],),
+        ).fetchone()
+        # The outage crashed nothing else: terminal1 kept running and beating.
+        assert healthy(conn, machine_id, "terminal1")["id"] == survivor["id"]
+    assert crashed == {
+        "status": "crashed",
+        "status_reason": f"process {victim['pid']} killed by SIGKILL",
+    }
+    assert replacement["replaces_instance_id"] == victim["id"]
+    assert launcher.process.poll() is None
+    assert "database reachable again" in launcher.log
