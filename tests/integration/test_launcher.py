@@ -420,3 +420,17 @@ def test_a_terminal_dying_while_postgresql_is_down_is_replaced_when_it_is_back(
     assert replacement["replaces_instance_id"] == victim["id"]
     assert launcher.process.poll() is None
     assert "database reachable again" in launcher.log
+
+
+def test_a_terminal_log_is_rotated_when_it_starts_too_big(tmp_path, monkeypatch):
+    from launcher import supervisor
+
+    log = tmp_path / "logs" / "terminal1.log"
+    log.parent.mkdir()
+    log.write_bytes(b"x" * 100)
+    monkeypatch.setattr(supervisor, "LOG_MAX_BYTES", 50)
+
+    supervisor._open_log(log).close()
+
+    assert (tmp_path / "logs" / "terminal1.log.1").read_bytes() == b"x" * 100
+    assert log.read_bytes() == b""
