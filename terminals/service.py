@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib.resources
 import logging
 import os
 import random
@@ -23,7 +22,7 @@ import click
 import psycopg
 from psycopg.rows import dict_row
 
-from pglive import PgliveError, TerminalRegistry, configure_logging, run_terminal
+from pglive import PgliveError, TerminalRegistry, configure_logging, db, run_terminal
 from terminals.plc import regmap
 from terminals.plc.client import PlcClient, PlcConfig, PlcConfigError
 
@@ -49,23 +48,9 @@ class ServiceContext:
 Work = Callable[[TerminalRegistry, ServiceContext], Awaitable[None]]
 
 
-@functools.cache
-def queries() -> dict[str, str]:
-    """The named blocks of terminals/queries.sql, comment lines dropped."""
-    text = importlib.resources.files("terminals").joinpath("queries.sql").read_text()
-    named: dict[str, str] = {}
-    name = None
-    for line in text.splitlines():
-        if line.startswith("-- name:"):
-            name = line.removeprefix("-- name:").strip()
-            named[name] = ""
-        elif name is not None and not line.lstrip().startswith("--"):
-            named[name] += line + "\n"
-    return {key: value.strip() for key, value in named.items()}
-
-
 def query(name: str) -> str:
-    return queries()[name]
+    """A named block of terminals/queries.sql."""
+    return db.query(name, package="terminals")
 
 
 async def connect(
