@@ -8,6 +8,7 @@ import uuid
 import pytest
 from psycopg import sql
 
+from pglive import db
 from terminals import service
 
 
@@ -53,7 +54,7 @@ def test_an_unknown_or_inactive_instance_claims_nothing(
 
 
 def test_every_query_in_the_file_is_named_and_not_empty():
-    queries = service.queries()
+    queries = db.queries("terminals")
 
     assert "claim_parameter_command" in queries
     assert all(text.strip() for text in queries.values())
