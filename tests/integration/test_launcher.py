@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.helpers import REPO, end_process, spawn_python, wait_for
@@ -71,7 +73,7 @@ class LauncherProcess:
 
 
 @pytest.fixture
-def launch(subprocess_env, tmp_path):
+def launch(subprocess_env, tmp_path, dsn, machine_id):
     launched: list[LauncherProcess] = []
 
     def start(terminals, *flags, stop_timeout=5):
@@ -83,6 +85,21 @@ def launch(subprocess_env, tmp_path):
     yield start
     for launcher in launched:
         end_process(launcher.process, timeout=30)
+    end_orphaned_terminals(dsn, machine_id)
+
+
+def end_orphaned_terminals(dsn, machine_id) -> None:
+    """Kill terminals that outlived a launcher killed by a test (they are not its children)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pids = conn.execute(
+            "SELECT pid FROM pglive.terminal_instances WHERE machine_id = %s "
+            "AND hostname = %s",
+            (machine_id, socket.gethostname()),
+        ).fetchall()
+    for (pid,) in pids:
+        with contextlib.suppress(OSError):
+            if b"tests.dummy_terminal" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
 
 
 def instances(conn, machine_id, terminal_type):
