@@ -207,7 +207,7 @@ class TerminalRegistry:
         return self.instance_id
 
     async def shutdown(
-        self, reason: str = "graceful stop", *, timeout: float = 10.0
+        self, reason: str = "graceful stop", *, timeout: float = 5.0
     ) -> bool:
         """Stop gracefully: stopping, flush the counters, stopped. True when recorded.
 

@@ -104,8 +104,10 @@ async def _run(registry: TerminalRegistry, work: Work) -> int:
         task.cancel()
 
     if registry.fenced:
-        await _cancel(work_task)
+        stopped = await _cancel(work_task)
         await registry.close()
+        if not stopped:
+            _exit_now(EXIT_FENCED, registry)
         logger.error(
             "%s instance %s exits: it was replaced and must not act (exit %s)",
             registry.name,
@@ -117,9 +119,12 @@ async def _run(registry: TerminalRegistry, work: Work) -> int:
     if stop_requested.is_set():
         reason = f"received {received[0]}" if received else "stop requested"
         logger.info("%s %s; stopping gracefully", registry.name, reason)
-        await _cancel(work_task)
+        stopped = await _cancel(work_task)
         await registry.shutdown(reason=reason)
-        return EXIT_FENCED if registry.fenced else EXIT_OK
+        code = EXIT_FENCED if registry.fenced else EXIT_OK
+        if not stopped:
+            _exit_now(code, registry)
+        return code
 
     error = work_task.exception()
     if error is None:
@@ -141,9 +146,36 @@ async def _run(registry: TerminalRegistry, work: Work) -> int:
     return EXIT_FAILED
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+WORK_STOP_TIMEOUT = 3.0
+
+
+async def _cancel(task: asyncio.Task[None], timeout: float = WORK_STOP_TIMEOUT) -> bool:
+    """Cancel the work and wait for it to end; False when it would not end in time.
+
+    The cancellation is repeated: a library may swallow one (Python 3.11's
+    ``asyncio.wait_for`` loses a cancellation that arrives as its inner future completes),
+    and a terminal that ignores its stop must not go on acting.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(0.5, max(0.0, deadline - loop.time())))
     if task.done():
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            task.result()
+        return True
+    return False
+
+
+def _exit_now(code: int, registry: TerminalRegistry) -> None:
+    """End the process although its work would not stop (see _cancel)."""
+    logger.error(
+        "%s: its work did not stop within %.0fs of being cancelled; exiting anyway "
+        "(exit %s)",
+        registry.name,
+        WORK_STOP_TIMEOUT,
+        code,
+    )
+    logging.shutdown()
+    os._exit(code)

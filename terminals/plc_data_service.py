@@ -123,6 +123,7 @@ class ReadingStore:
         return {
             "machine_id": self.registry.machine_id,
             "instance_id": self.registry.instance_id,
+            "token": self.registry.token,
             "cycle": reading.cycle,
             "scheduled_at": reading.scheduled_at,
             "sampled_at": reading.sampled_at,

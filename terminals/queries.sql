@@ -13,10 +13,11 @@ LISTEN ald_parameter_commands
 LISTEN ald_recipe_commands
 
 -- name: insert_reading
--- Store one read cycle; a retried batch inserts nothing twice.
+-- Store one read cycle if this instance is still active; a retried batch inserts nothing twice.
 INSERT INTO ald.readings (machine_id, instance_id, cycle, scheduled_at, sampled_at, data)
-VALUES (%(machine_id)s, %(instance_id)s, %(cycle)s, %(scheduled_at)s, %(sampled_at)s,
-        %(data)s)
+SELECT %(machine_id)s::uuid, %(instance_id)s::uuid, %(cycle)s::bigint,
+       %(scheduled_at)s::timestamptz, %(sampled_at)s::timestamptz, %(data)s::jsonb
+WHERE pglive.lock_active_instance(%(instance_id)s::uuid, %(token)s)
 ON CONFLICT ON CONSTRAINT readings_instance_cycle_key DO NOTHING
 
 -- name: claim_parameter_command

@@ -272,3 +272,49 @@ def test_machine_id_comes_from_the_environment_or_etc_machine_id(monkeypatch):
     if not os.path.exists("/etc/machine-id"):
         pytest.skip("no /etc/machine-id on this machine")
     assert resolve_machine_id() == resolve_machine_id()
+
+
+STUBBORN_WORK = """
+import asyncio, sys
+from pglive import TerminalRegistry, run_terminal
+
+async def work(registry):
+    while True:  # swallows every cancellation, as a buggy library might
+        try:
+            registry.increment_commands()
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass
+
+sys.exit(run_terminal(TerminalRegistry("terminal3", heartbeat_interval=0.5), work))
+"""
+
+
+@pytest.mark.parametrize("how", ["sigterm", "fenced"])
+def test_work_that_ignores_its_cancellation_still_ends(
+    conn, machine_id, subprocess_env, tmp_path, how
+):
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN_WORK)
+    process = spawn_python([str(script)], subprocess_env, tmp_path / "stubborn.log")
+    try:
+        row = wait_for(
+            lambda: active(conn, machine_id, "terminal3"), message="registration"
+        )
+
+        if how == "sigterm":
+            process.send_signal(signal.SIGTERM)
+        else:
+            conn.execute(
+                "SELECT pglive.mark_terminal_crashed(%s, 'replaced')", (row["id"],)
+            )
+
+        code = process.wait(timeout=60)
+    finally:
+        end_process(process)
+
+    status = conn.execute(
+        "SELECT status FROM pglive.terminal_instances WHERE id = %s", (row["id"],)
+    ).fetchone()["status"]
+    assert (code, status) == ((0, "stopped") if how == "sigterm" else (4, "crashed"))
+    assert "did not stop within" in (tmp_path / "stubborn.log").read_text()
