@@ -16,6 +16,12 @@ from pglive import db, errors, identity
 from pglive.runner import LOG_FORMAT
 
 
+class BadConfiguration(click.ClickException):
+    """A bad config file, flag or setting: one line, exit 2 (like a usage error)."""
+
+    exit_code = 2
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
@@ -38,7 +44,7 @@ from pglive.runner import LOG_FORMAT
     "--heartbeat-timeout",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(min=0.5),
+    type=click.FloatRange(min=1.0),
     help="Seconds without heartbeat before the sweep marks a terminal of this machine crashed.",
 )
 @click.option(
@@ -74,11 +80,15 @@ def main(
 ) -> None:
     """Start this machine's terminals, watch them, and restart them as pglive decides."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    # The pool warns at every failed reconnect; the launcher says once that the database
+    # is unreachable, and once that it is back.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     try:
         config = launcher_config.load(config_path)
+        config.check_heartbeat_timeout(heartbeat_timeout)
         settings = Settings(
             machine_id=identity.machine_id(machine_id or config.machine_id),
-            dsn=db.resolve_dsn(dsn),
+            dsn=db.check_dsn(db.resolve_dsn(dsn)),
             check_interval=check_interval,
             heartbeat_timeout=heartbeat_timeout,
             auto_recovery=not no_auto_recovery,
@@ -86,12 +96,12 @@ def main(
         )
         exit_code = asyncio.run(Launcher(config, settings).run())
     except errors.ConfigurationError as error:
-        raise click.UsageError(str(error)) from None
+        raise BadConfiguration(str(error)) from None
     except errors.PgliveError as error:
         raise click.ClickException(str(error)) from None
     except psycopg_pool.PoolTimeout:
         raise click.ClickException(
-            "cannot connect to PostgreSQL within 30s (check --dsn / PGLIVE_DSN)"
+            f"cannot connect to PostgreSQL within 30s: {db.connection_problem(settings.dsn)}"
         ) from None
     except psycopg.Error as error:
         raise click.ClickException(

@@ -23,6 +23,7 @@ from the database is ever executed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import tomllib
 import uuid
@@ -71,6 +72,17 @@ class LauncherConfig:
     @property
     def enabled_terminals(self) -> tuple[TerminalConfig, ...]:
         return tuple(terminal for terminal in self.terminals if terminal.enabled)
+
+    def check_heartbeat_timeout(self, timeout: float) -> None:
+        """Every configured heartbeat interval must be below the machine's timeout."""
+        for terminal in self.enabled_terminals:
+            interval = terminal.heartbeat_interval
+            if interval is not None and interval >= timeout:
+                raise ConfigError(
+                    f"{self.path}: terminals.{terminal.terminal_type}.heartbeat_interval: "
+                    f"{interval:g} s is not below --heartbeat-timeout {timeout:g} s "
+                    "(the timeout should be 2-3 times the interval)"
+                )
 
 
 def load(path: str | Path) -> LauncherConfig:
@@ -186,7 +198,12 @@ def _check_keys(
 
 
 def _positive(where: str, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ConfigError(
             f"{where}.{key}: must be a positive number of seconds, not {value!r}"
         )

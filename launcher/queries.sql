@@ -35,8 +35,12 @@ FROM pglive.recovery_decision(%(machine_id)s::uuid, %(terminal_type)s)
 SELECT instance_id, outcome
 FROM pglive.report_process_exit(%(machine_id)s::uuid, %(terminal_type)s, %(pid)s::int,
                                 %(hostname)s, %(spawned_at)s::timestamptz,
-                                %(exit_code)s::int, %(signal)s::int)
+                                %(exit_code)s::int, %(signal)s::int, %(detail)s)
 
 -- name: mark_terminal_crashed
 -- Mark an instance crashed (a launcher whose process is gone).
 SELECT pglive.mark_terminal_crashed(%(instance_id)s::uuid, %(reason)s) AS outcome
+
+-- name: heartbeat_timeout
+-- The heartbeat timeout in force for this machine.
+SELECT pglive._setting('heartbeat_timeout_seconds', %(machine_id)s::uuid) AS timeout

@@ -19,6 +19,8 @@ import logging.handlers
 import os
 import signal
 import socket
+import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -54,12 +56,15 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True)
 class ProcessExit:
-    pid: int
+    pid: int | None  # None: the process could not be started at all
     spawned_at: dt.datetime
     exit_code: int | None
     signal: int | None
+    detail: str | None = None
 
     def describe(self) -> str:
+        if self.pid is None:
+            return f"could not be started: {self.detail}"
         if self.signal is not None:
             return f"killed by {signal.Signals(self.signal).name}"
         if self.exit_code is not None:
@@ -68,17 +73,23 @@ class ProcessExit:
 
 
 class WatchedProcess:
-    """A terminal process: a child of ours, or one adopted from an earlier launcher."""
+    """A terminal process: a child of ours, or one adopted from an earlier launcher.
+
+    An adopted process is held through a pidfd, so that waiting for it and signalling it
+    can never reach another process that has since been given the same pid.
+    """
 
     def __init__(
         self,
         pid: int,
         spawned_at: dt.datetime,
         child: asyncio.subprocess.Process | None = None,
+        pidfd: int | None = None,
     ) -> None:
         self.pid = pid
         self.spawned_at = spawned_at
         self.child = child
+        self.pidfd = pidfd
         self.exited = asyncio.Event()
         self.exit: ProcessExit | None = None
         self.instance_id: Any = None
@@ -96,23 +107,25 @@ class WatchedProcess:
         return self.exit
 
     async def _wait_foreign(self) -> None:
-        """Wait for a process that is not our child, through a pidfd (Linux 5.3+)."""
-        loop = asyncio.get_running_loop()
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
+        """Wait for a process that is not our child: its pidfd turns readable at exit."""
+        if self.pidfd is None:
             return
+        loop = asyncio.get_running_loop()
         gone = asyncio.Event()
-        loop.add_reader(pidfd, gone.set)
+        loop.add_reader(self.pidfd, gone.set)
         try:
             await gone.wait()
         finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
+            loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
 
     def send(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signum)
+        with contextlib.suppress(ProcessLookupError, OSError):
+            if self.child is not None:
+                self.child.send_signal(signum)
+            elif self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signum)
 
     async def end(self, stop_timeout: float) -> None:
         """SIGTERM (and SIGCONT, so a stopped process can act on it), SIGKILL after timeout."""
@@ -132,14 +145,43 @@ class WatchedProcess:
             await self.exited.wait()
 
 
-def pid_alive(pid: int) -> bool:
+def open_process(
+    pid: int, registered_at: dt.datetime, clock_offset: float
+) -> int | None:
+    """A pidfd for ``pid`` if it is still the process that registered at ``registered_at``.
+
+    Pids are reused: a process that started after the instance registered is another one.
+    ``clock_offset`` is the server's clock minus ours, since ``registered_at`` is the
+    server's time. None when the process is gone or is not that one.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        pidfd = os.pidfd_open(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+    started = process_start_time(pid)
+    registered_local = registered_at.timestamp() - clock_offset
+    # 2 s of slack: /proc gives the boot time in whole seconds.
+    if started is None or started > registered_local + 2:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def process_start_time(pid: int) -> float | None:
+    """When ``pid`` started, in seconds since the epoch (Linux /proc), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration):
+        return None
+    # starttime is field 22; counting starts after the ")" closing the command name,
+    # which may itself contain spaces, at field 3.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 class TerminalSupervisor:
@@ -286,7 +328,10 @@ class TerminalSupervisor:
                 )
             return self.launcher.settings.check_interval
 
-        if not pid_alive(active["pid"]):
+        pidfd = open_process(
+            active["pid"], active["started_at"], await self.launcher.clock_offset()
+        )
+        if pidfd is None:
             logger.warning(
                 "dead %s detected: instance %s has no process (pid %s is gone)",
                 self.label,
@@ -307,7 +352,7 @@ class TerminalSupervisor:
             active["pid"],
             **self._extra("adopt", pid=active["pid"]),
         )
-        process = WatchedProcess(active["pid"], active["started_at"])
+        process = WatchedProcess(active["pid"], active["started_at"], pidfd=pidfd)
         process.instance_id = active["instance_id"]
         self._watch(process)
         return self.launcher.settings.check_interval
@@ -388,6 +433,14 @@ class TerminalSupervisor:
         row = await self.launcher.fetch_one(_q("server_now"), {})
         spawned_at = row["now"]
         log = _open_log(config.log_file)
+        if not config.working_directory.is_dir():
+            self._spawn_failed(
+                attempt,
+                spawned_at,
+                log,
+                f"working directory {config.working_directory} does not exist",
+            )
+            return
         try:
             child = await asyncio.create_subprocess_exec(
                 *config.command,
@@ -401,14 +454,9 @@ class TerminalSupervisor:
                 start_new_session=True,
             )
         except OSError as error:
-            logger.error(
-                "cannot start %s: %s: %s",
-                self.label,
-                config.command[0],
-                error.strerror,
-                **self._extra("spawn_failed", attempt=attempt),
+            self._spawn_failed(
+                attempt, spawned_at, log, f"{config.command[0]}: {error.strerror}"
             )
-            self.pending_exits.append(ProcessExit(0, spawned_at, 127, None))
             return
         finally:
             log.close()
@@ -424,6 +472,22 @@ class TerminalSupervisor:
             **self._extra(verb, pid=child.pid, attempt=attempt),
         )
         self._watch(WatchedProcess(child.pid, spawned_at, child))
+
+    def _spawn_failed(
+        self, attempt: int, spawned_at: dt.datetime, log: Any, reason: str
+    ) -> None:
+        """Record a process that could not even be started, in its log and the database."""
+        logger.error(
+            "cannot start %s: %s",
+            self.label,
+            reason,
+            **self._extra("spawn_failed", attempt=attempt),
+        )
+        log.write(
+            f"pglive-launcher: cannot start {self.terminal_type}: {reason}\n".encode()
+        )
+        log.close()
+        self.pending_exits.append(ProcessExit(None, spawned_at, None, None, reason))
 
     def _watch(self, process: WatchedProcess) -> None:
         self.process = process
@@ -461,6 +525,7 @@ class TerminalSupervisor:
                     "spawned_at": exit_.spawned_at,
                     "exit_code": exit_.exit_code,
                     "signal": exit_.signal,
+                    "detail": exit_.detail,
                 },
             )
             self.pending_exits.pop(0)
@@ -486,6 +551,10 @@ class TerminalSupervisor:
                 exit_.pid,
                 exit_.describe(),
                 **extra,
+            )
+        elif outcome == "never_started":
+            logger.warning(
+                "%s failed to start: %s", self.label, exit_.describe(), **extra
             )
         elif outcome == "never_registered":
             logger.warning(
@@ -572,6 +641,20 @@ class Launcher:
             env["PGLIVE_HEARTBEAT_INTERVAL"] = str(terminal.heartbeat_interval)
         return env
 
+    async def clock_offset(self) -> float:
+        """The server's clock minus this machine's, in seconds."""
+        row = await self.fetch_one(_q("server_now"), {})
+        return row["now"].timestamp() - time.time()
+
+    async def _launcher_alive(self, previous: dict[str, Any]) -> bool:
+        pidfd = open_process(
+            previous["pid"], previous["started_at"], await self.clock_offset()
+        )
+        if pidfd is None:
+            return False
+        os.close(pidfd)
+        return True
+
     async def fetch_one(
         self, query: str, params: dict[str, Any]
     ) -> dict[str, Any] | None:
@@ -602,24 +685,29 @@ class Launcher:
         )
         try:
             await self._pool.open(wait=True, timeout=30)
-            await self._prepare_machine()
+            await self._check_terminal_types()
             exit_code = await self._register_launcher()
             if exit_code is not None:
                 return exit_code
+            # Only a launcher that runs may set its machine's settings.
+            await self._apply_machine_settings()
             return await self._supervise()
         finally:
             await self._pool.close()
 
-    async def _prepare_machine(self) -> None:
+    async def _check_terminal_types(self) -> None:
         async with self._pool.connection() as conn:
             cursor = await conn.execute(_q("terminal_types"))
             known = {row["terminal_type"] for row in await cursor.fetchall()}
-            for terminal in self.config.terminals:
-                if terminal.terminal_type not in known:
-                    raise errors.ConfigurationError(
-                        f"{self.config.path}: terminals.{terminal.terminal_type}: unknown "
-                        f"terminal type (the database knows {', '.join(sorted(known))})"
-                    )
+        for terminal in self.config.terminals:
+            if terminal.terminal_type not in known:
+                raise errors.ConfigurationError(
+                    f"{self.config.path}: terminals.{terminal.terminal_type}: unknown "
+                    f"terminal type (the database knows {', '.join(sorted(known))})"
+                )
+
+    async def _apply_machine_settings(self) -> None:
+        async with self._pool.connection() as conn:
             for key, value in (
                 ("heartbeat_timeout_seconds", self.settings.heartbeat_timeout),
                 ("restart_delay_seconds", self.settings.restart_delay),
@@ -635,8 +723,14 @@ class Launcher:
                     )
 
     async def _register_launcher(self) -> int | None:
-        """Register the launcher itself, taking over from a launcher whose process is gone."""
-        interval = max(0.5, min(10.0, self.settings.heartbeat_timeout / 3))
+        """Register the launcher itself, taking over from a launcher whose process is gone.
+
+        Its heartbeat interval is a third of the heartbeat timeout: of the one in force now
+        (set by an earlier launcher) as well as the one this launcher is about to set.
+        """
+        current = await self.fetch_one(_q("heartbeat_timeout"), self._machine())
+        timeout = min(self.settings.heartbeat_timeout, float(current["timeout"]))
+        interval = max(0.3, min(10.0, timeout / 3))
         for _ in range(2):
             self._registry = TerminalRegistry(
                 "launcher",
@@ -659,7 +753,7 @@ class Launcher:
                 if (
                     previous is None
                     or previous["hostname"] != self.hostname
-                    or pid_alive(previous["pid"])
+                    or await self._launcher_alive(previous)
                 ):
                     logger.error(
                         "another launcher runs on this machine; not starting: %s",
@@ -696,9 +790,12 @@ class Launcher:
         )
         tasks = [asyncio.create_task(s.run()) for s in self.supervisors]
         listener = asyncio.create_task(self._listen())
-        fenced = asyncio.create_task(self._registry.wait_fenced())
         stop = asyncio.create_task(self._stop.wait())
-        await asyncio.wait({fenced, stop}, return_when=asyncio.FIRST_COMPLETED)
+        while True:
+            fenced = asyncio.create_task(self._registry.wait_fenced())
+            await asyncio.wait({fenced, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.done() or not await self._register_again():
+                break
 
         self.stopping = True
         listener.cancel()
@@ -710,8 +807,8 @@ class Launcher:
 
         if self._registry.fenced:
             logger.error(
-                "this launcher was declared dead and replaced; exiting and leaving the "
-                "terminals to its successor",
+                "this launcher was replaced by another one; exiting and leaving the "
+                "terminals to it",
                 extra={"action": "fenced"},
             )
             await self._registry.close()
@@ -723,6 +820,33 @@ class Launcher:
             "launcher stopped; every terminal stopped", extra={"action": "stopped"}
         )
         return 0
+
+    async def _register_again(self) -> bool:
+        """After being declared dead (paused, or cut off for longer than the timeout):
+        register anew unless another launcher has taken over. True when registered."""
+        logger.warning(
+            "this launcher was declared dead (no heartbeat within the timeout: paused or "
+            "cut off?); registering again unless another launcher has taken over",
+            extra={"action": "fenced"},
+        )
+        await self._registry.close()
+        try:
+            registered = await self._register_launcher() is None
+        except (psycopg.Error, psycopg_pool.PoolTimeout, errors.PgliveError) as error:
+            logger.error(
+                "could not register again: %s", error, extra={"action": "fenced"}
+            )
+            return False
+        if registered:
+            logger.warning(
+                "registered again as instance %s; supervising on",
+                self._registry.instance_id,
+                extra={"action": "registered_again"},
+            )
+        return registered
+
+    def _machine(self) -> dict[str, Any]:
+        return {"machine_id": self.settings.machine_id}
 
     def _request_stop(self, signum: int) -> None:
         logger.info(

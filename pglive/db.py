@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 from psycopg.rows import dict_row
 
 from pglive import errors
@@ -62,6 +63,24 @@ def resolve_dsn(dsn: str | None = None, *, start_embedded: bool = False) -> str:
     if not cluster.running():
         raise no_database
     return cluster.dsn
+
+
+def check_dsn(dsn: str) -> str:
+    """``dsn`` if libpq can parse it; ConfigurationError (without the DSN) if not."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as error:
+        raise _connection_error(error) from None
+    return dsn
+
+
+def connection_problem(dsn: str) -> str:
+    """Why a connection to ``dsn`` fails right now, in one line without secrets."""
+    try:
+        psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS).close()
+    except psycopg.Error as error:
+        return errors.describe_connection_error(error)
+    return "it answers now"
 
 
 def connect(

@@ -163,6 +163,12 @@ def running_system(home: Path) -> Iterator[Demo]:
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
+    if not _port_free(PLC_PORT):
+        raise click.ClickException(
+            f"port {PLC_PORT} on 127.0.0.1 is taken: stop whatever uses it (a PLC "
+            "simulator left running?) and run the demo again"
+        )
+
     say("starting the embedded PostgreSQL (pg_cron included)")
     cluster = EmbeddedCluster(home)
     dsn = cluster.start()
@@ -180,12 +186,11 @@ def running_system(home: Path) -> Iterator[Demo]:
         demo.sql(
             "SELECT pglive.set_machine_setting(%s, %s, %s)", demo.machine_id, key, value
         )
+    # Each run starts with a clean slate: the restarts of an earlier run (the chaos run
+    # causes some) must not count towards a give-up in this one.
+    for terminal_type in TERMINALS:
+        demo.sql("SELECT pglive.reset_recovery(%s, %s)", demo.machine_id, terminal_type)
 
-    if not _port_free(PLC_PORT):
-        raise click.ClickException(
-            f"port {PLC_PORT} on 127.0.0.1 is taken: stop whatever uses it (a PLC "
-            "simulator left running?) and run the demo again"
-        )
     try:
         say(f"starting the PLC simulator on 127.0.0.1:{PLC_PORT}")
         demo.spawn(
@@ -286,7 +291,7 @@ def step_duplicate(demo: Demo) -> None:
             f"duplicate terminal2 was not refused (exit {result.returncode})"
         )
     say(
-        f"   refused, exit {result.returncode}: {refusal.split(': ', 1)[-1][:140]}",
+        f"   refused, exit {result.returncode}: {refusal.split('not starting: ', 1)[-1]}",
         colour="green",
     )
 
@@ -464,7 +469,9 @@ def print_metrics(demo: Demo) -> None:
         cells = ", ".join(
             f"{row['terminal_type']}: "
             + " ".join(
-                f"{key}={value}" for key, value in row.items() if key != "terminal_type"
+                f"{key}={'-' if value is None else value}"
+                for key, value in row.items()
+                if key != "terminal_type"
             )
             for row in rows
         )
@@ -492,7 +499,9 @@ def chaos(demo: Demo) -> bool:
     click.echo("\nmeasured:")
     for name, seconds in timings.items():
         click.echo(f"  {name:34} {seconds:6.1f}s")
-    click.echo("\nmetrics (the README's queries):")
+    click.echo(
+        "\nmetrics over the last 24 hours (the README's Metrics section has more):"
+    )
     print_metrics(demo)
     say(
         f"every step behaved as expected ({time.monotonic() - started:.0f}s)",
@@ -510,11 +519,14 @@ def main(run_chaos: bool) -> None:
     )
     home = Path(os.environ.get("PGLIVE_HOME") or REPO / ".pglive").resolve()
     ok = True
-    with running_system(home) as demo:
-        if run_chaos:
-            ok = chaos(demo)
-        else:
-            live_status(demo)
+    try:
+        with running_system(home) as demo:
+            if run_chaos:
+                ok = chaos(demo)
+            else:
+                live_status(demo)
+    except DemoFailed as failure:
+        raise click.ClickException(f"the demo could not start: {failure}") from None
     sys.exit(0 if ok else 1)
 
 

@@ -415,6 +415,9 @@ BEGIN
     IF FOUND THEN
         INSERT INTO pglive.recovery_events (machine_id, terminal_type, event, attempt, reason)
         VALUES (p_machine_id, p_terminal_type, 'reset', 0, 'restart attempts reset');
+
+        -- Wakes the machine's launcher, which starts the terminal again at once.
+        PERFORM pglive._notify('reset', p_machine_id, p_terminal_type, NULL);
     END IF;
 END
 $$;
@@ -450,9 +453,30 @@ BEGIN
                   HINT = 'UPDATE pglive.settings SET value = ... WHERE key = ''sweep_interval_seconds''';
     END IF;
 
+    IF p_machine_id IS NULL THEN
+        RAISE EXCEPTION 'a machine id is required to set % for one machine', p_key
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'global values live in pglive.settings';
+    END IF;
+
     IF p_value IS NULL OR p_value NOT BETWEEN v_setting.min_value AND v_setting.max_value THEN
         RAISE EXCEPTION 'setting % = % is out of range [%, %]',
                 p_key, coalesce(p_value::text, 'NULL'), v_setting.min_value, v_setting.max_value
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    IF p_key IN ('max_restart_attempts', 'error_min_operations') AND p_value <> trunc(p_value) THEN
+        RAISE EXCEPTION 'setting % = % must be a whole number', p_key, p_value
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- The recovery mark must stay under the degradation mark, or a terminal would flap.
+    IF (p_key = 'recovered_error_rate'
+        AND p_value > pglive._setting('degraded_error_rate', p_machine_id))
+       OR (p_key = 'degraded_error_rate'
+           AND p_value < pglive._setting('recovered_error_rate', p_machine_id)) THEN
+        RAISE EXCEPTION 'setting % = % would put recovered_error_rate above degraded_error_rate',
+                p_key, p_value
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
@@ -496,6 +520,14 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'known types: ' || (SELECT string_agg(t.terminal_type, ', ' ORDER BY 1)
                                              FROM pglive.terminal_types t);
+    END IF;
+
+    -- Only a launcher may take a machine's launcher slot (else a terminal could lock it out).
+    IF NOT (SELECT t.supervised FROM pglive.terminal_types t WHERE t.terminal_type = p_terminal_type)
+       AND NOT pg_catalog.pg_has_role(session_user, 'pglive_launcher', 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" may not register a "%": that needs pglive_launcher',
+                session_user, p_terminal_type
+            USING ERRCODE = 'insufficient_privilege';
     END IF;
 
     IF p_environment IS NULL OR p_environment NOT IN ('production', 'development', 'testing') THEN
@@ -820,7 +852,8 @@ CREATE OR REPLACE FUNCTION pglive.report_process_exit(p_machine_id uuid,
                                                       p_hostname text,
                                                       p_spawned_at timestamptz,
                                                       p_exit_code integer DEFAULT NULL,
-                                                      p_signal integer DEFAULT NULL)
+                                                      p_signal integer DEFAULT NULL,
+                                                      p_detail text DEFAULT NULL)
 RETURNS TABLE (instance_id uuid, outcome text)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -849,6 +882,14 @@ BEGIN
     ORDER BY ti.started_at DESC
     LIMIT 1
     FOR UPDATE;
+
+    IF p_pid IS NULL THEN
+        PERFORM pglive._record_failure(p_machine_id, p_terminal_type, NULL,
+                                       format('could not be started: %s',
+                                              coalesce(p_detail, 'no reason given')), 0);
+        RETURN QUERY SELECT NULL::uuid, 'never_started'::text;
+        RETURN;
+    END IF;
 
     IF NOT FOUND THEN
         PERFORM pglive._record_failure(p_machine_id, p_terminal_type, NULL,
@@ -879,10 +920,10 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION pglive.report_process_exit(uuid, text, integer, text, timestamptz, integer, integer) IS
+COMMENT ON FUNCTION pglive.report_process_exit(uuid, text, integer, text, timestamptz, integer, integer, text) IS
     'Called by a launcher when a terminal process it watches has exited: marks its instance '
-    'crashed (or stopped, when it exited 0 while stopping). A process that never registered '
-    'counts as a failed start.';
+    'crashed (or stopped, when it exited 0 while stopping). A process that never registered, or '
+    'could not be started at all (p_pid NULL, the reason in p_detail), counts as a failed start.';
 
 CREATE OR REPLACE FUNCTION pglive.get_terminal_uptime(p_instance_id uuid, p_now timestamptz DEFAULT NULL)
 RETURNS numeric
@@ -929,6 +970,14 @@ DECLARE
     v_rate   record;
     v_reason text;
 BEGIN
+    -- Moving the clock of a sweep that writes would let a caller crash healthy instances.
+    IF p_now IS NOT NULL
+       AND NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user) THEN
+        RAISE EXCEPTION 'only a superuser may sweep at another time than now (p_now %)', p_now
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'p_now exists for tests; call pglive.sweep() or pglive.sweep(NULL, machine)';
+    END IF;
+
     -- 1. Missed heartbeats, counted like detect_dead_terminals counts silence.
     UPDATE pglive.terminal_instances ti
     SET missed_heartbeats = missed.n

@@ -28,7 +28,7 @@ TO pglive_terminal;
 GRANT pglive_terminal TO pglive_launcher;
 
 GRANT EXECUTE ON FUNCTION
-    pglive.report_process_exit(uuid, text, integer, text, timestamptz, integer, integer),
+    pglive.report_process_exit(uuid, text, integer, text, timestamptz, integer, integer, text),
     pglive.mark_terminal_crashed(uuid, text),
     pglive.recovery_decision(uuid, text, timestamptz),
     pglive.reset_recovery(uuid, text),

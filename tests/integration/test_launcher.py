@@ -451,3 +451,171 @@ def test_a_terminal_log_is_rotated_when_it_starts_too_big(tmp_path, monkeypatch)
 
     assert (tmp_path / "logs" / "terminal1.log.1").read_bytes() == b"x" * 100
     assert log.read_bytes() == b""
+
+
+def machine_setting(conn, machine_id, key):
+    row = conn.execute(
+        "SELECT value FROM pglive.machine_settings WHERE machine_id = %s AND key = %s",
+        (machine_id, key),
+    ).fetchone()
+    return row and float(row["value"])
+
+
+def test_a_refused_second_launcher_changes_no_setting(
+    conn, machine_id, launch, tmp_path, subprocess_env
+):
+    launch({"terminal1": FAST})
+    wait_for(lambda: healthy(conn, machine_id, "terminal1"), message="terminal1")
+
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher",
+            "--config",
+            str(tmp_path / "launcher.toml"),
+            "--heartbeat-timeout",
+            "1",
+            "--restart-delay",
+            "0",
+        ],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert second.returncode == 3
+    assert "another launcher runs on this machine" in second.stderr
+    assert machine_setting(conn, machine_id, "heartbeat_timeout_seconds") == 3
+    assert machine_setting(conn, machine_id, "restart_delay_seconds") == 0.2
+
+
+def test_an_interval_not_below_the_timeout_is_refused_at_start(
+    tmp_path, subprocess_env
+):
+    config = write_config(tmp_path, {"terminal1": FAST})
+    config.write_text(config.read_text() + "heartbeat_interval = 45\n")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher", "--config", str(config)],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {config}: terminals.terminal1.heartbeat_interval: 45 s is not below "
+        "--heartbeat-timeout 30 s (the timeout should be 2-3 times the interval)"
+    ]
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_terminal(conn, machine_id, launch):
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        # An instance whose process died long ago, and whose pid now belongs to another.
+        row = conn.execute(
+            "SELECT * FROM pglive.register_terminal('terminal1', %s, 'testing', %s, %s, 0.5)",
+            (machine_id, bystander.pid, socket.gethostname()),
+        ).fetchone()
+        conn.execute(
+            "UPDATE pglive.terminal_instances SET started_at = now() - interval '1 hour', "
+            "last_heartbeat = now() WHERE id = %s",
+            (row["instance_id"],),
+        )
+
+        launcher = launch({"terminal1": FAST})
+
+        wait_for(
+            lambda: (
+                (r := healthy(conn, machine_id, "terminal1"))
+                and r["id"] != row["instance_id"]
+            ),
+            message="a terminal1 of the launcher's own",
+        )
+        assert bystander.poll() is None
+        assert "has no process" in launcher.log
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_command_that_cannot_start_is_reported_with_its_reason(
+    conn, machine_id, tmp_path, subprocess_env
+):
+    config = write_config(tmp_path, {"terminal2": FAST})
+    config.write_text(
+        config.read_text().replace(
+            f'working_directory = "{REPO}"', 'working_directory = "/nonexistent/dir"'
+        )
+    )
+    launcher = LauncherProcess(subprocess_env, tmp_path, config)
+    try:
+        launcher.wait_log("GAVE UP")
+    finally:
+        end_process(launcher.process)
+
+    reason = conn.execute(
+        "SELECT last_failure_reason FROM pglive.recovery_state WHERE machine_id = %s",
+        (machine_id,),
+    ).fetchone()["last_failure_reason"]
+    assert (
+        reason
+        == "could not be started: working directory /nonexistent/dir does not exist"
+    )
+    assert (
+        "working directory /nonexistent/dir does not exist"
+        in (tmp_path / "logs" / "terminal2.log").read_text()
+    )
+
+
+def test_reset_recovery_restarts_a_given_up_terminal_at_once(
+    conn, machine_id, launch, tmp_path
+):
+    marker = tmp_path / "starts"
+    launcher = launch(
+        {"terminal3": ["--exit-at-once", "1", "--marker", str(marker)]},
+        "--check-interval",
+        "120",
+    )
+    launcher.wait_log("GAVE UP")
+    starts = len(marker.read_text().splitlines())
+
+    conn.execute("SELECT pglive.reset_recovery(%s, 'terminal3')", (machine_id,))
+
+    # Woken by the reset's NOTIFY: far sooner than the 120 s check interval.
+    wait_for(
+        lambda: len(marker.read_text().splitlines()) > starts,
+        timeout=30,
+        message="a start after the reset",
+    )
+
+
+def test_a_launcher_paused_past_its_timeout_registers_again(conn, machine_id, launch):
+    launcher = launch({"terminal1": FAST})
+    first = wait_for(lambda: healthy(conn, machine_id, "launcher"), message="launcher")
+
+    os.kill(launcher.process.pid, signal.SIGSTOP)
+    try:
+
+        def swept():
+            conn.execute("SELECT * FROM pglive.sweep(NULL, %s)", (machine_id,))
+            return instances(conn, machine_id, "launcher")[0]["status"] == "crashed"
+
+        wait_for(swept, timeout=30, interval=0.5, message="the paused launcher swept")
+    finally:
+        os.kill(launcher.process.pid, signal.SIGCONT)
+
+    again = wait_for(
+        lambda: (
+            (r := healthy(conn, machine_id, "launcher"))
+            and r["id"] != first["id"]
+            and r
+        ),
+        message="the launcher registered again",
+    )
+    assert again["pid"] == launcher.process.pid
+    assert "registered again" in launcher.log
+    assert launcher.process.poll() is None

@@ -11,6 +11,7 @@ import threading
 import uuid
 
 import psycopg
+import psycopg.conninfo
 import pytest
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
@@ -761,3 +762,114 @@ def test_claim_lock_holds_off_a_concurrent_crash(dsn, conn, machine_id):
                 "SELECT pglive.mark_terminal_crashed(%s, 'x')", (row["instance_id"],)
             )
         claimer.commit()
+
+
+@pytest.fixture
+def login_as(dsn, conn):
+    """Connect as a fresh login role that is a member of one pglive group role."""
+    created: list[str] = []
+    connections = []
+
+    def connect(group: str):
+        name = f"pglive_test_{uuid.uuid4().hex[:8]}"
+        conn.execute(f"CREATE ROLE {name} LOGIN IN ROLE {group}")
+        created.append(name)
+        info = psycopg.conninfo.conninfo_to_dict(dsn) | {"user": name}
+        connection = psycopg.connect(
+            psycopg.conninfo.make_conninfo(**info),
+            autocommit=True,
+            row_factory=dict_row,
+        )
+        connections.append(connection)
+        return connection
+
+    yield connect
+    for connection in connections:
+        connection.close()
+    for name in created:
+        conn.execute(f"DROP ROLE {name}")
+
+
+def test_only_a_superuser_may_move_the_clock_of_a_sweep(login_as, conn, machine_id):
+    launcher = login_as("pglive_launcher")
+    row = register(conn, machine_id)
+
+    with pytest.raises(pg_errors.InsufficientPrivilege, match="only a superuser"):
+        launcher.execute(
+            "SELECT * FROM pglive.sweep(now() + interval '1 day', %s)", (machine_id,)
+        )
+    launcher.execute("SELECT * FROM pglive.sweep(NULL, %s)", (machine_id,))
+
+    assert instance(conn, row["instance_id"])["status"] == "starting"
+
+
+def test_a_terminal_role_cannot_take_the_launcher_slot(login_as, machine_id):
+    terminal = login_as("pglive_terminal")
+    launcher = login_as("pglive_launcher")
+
+    with pytest.raises(pg_errors.InsufficientPrivilege, match="needs pglive_launcher"):
+        register(terminal, machine_id, "launcher")
+    register(launcher, machine_id, "launcher")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("max_restart_attempts", 2.7, "must be a whole number"),
+        ("recovered_error_rate", 0.5, "above degraded_error_rate"),
+        ("degraded_error_rate", 0.05, "above degraded_error_rate"),
+    ],
+)
+def test_settings_that_make_no_sense_are_refused(
+    conn, machine_id, key, value, expected
+):
+    with pytest.raises(pg_errors.InvalidParameterValue, match=expected):
+        conn.execute(
+            "SELECT pglive.set_machine_setting(%s, %s, %s::numeric)",
+            (machine_id, key, value),
+        )
+
+
+def test_a_machine_setting_needs_a_machine(conn):
+    with pytest.raises(
+        pg_errors.InvalidParameterValue, match="a machine id is required"
+    ):
+        conn.execute(
+            "SELECT pglive.set_machine_setting(NULL, 'heartbeat_timeout_seconds', 20)"
+        )
+
+
+def test_reset_recovery_wakes_the_launcher(dsn, conn, machine_id):
+    row = register(conn, machine_id)
+    conn.execute("SELECT pglive.mark_terminal_crashed(%s, 'x')", (row["instance_id"],))
+
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN pglive_{machine_id.hex}")
+        conn.execute("SELECT pglive.reset_recovery(%s, 'terminal2')", (machine_id,))
+        events = [
+            json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)
+        ]
+
+    assert [(e["event"], e["terminal_type"]) for e in events] == [
+        ("reset", "terminal2")
+    ]
+
+
+def test_a_process_that_could_not_start_is_a_failed_start(conn, machine_id):
+    outcome = conn.execute(
+        "SELECT * FROM pglive.report_process_exit(%s, 'terminal1', NULL, 'h', now(), NULL, "
+        "NULL, 'working directory /nowhere does not exist')",
+        (machine_id,),
+    ).fetchone()
+
+    assert outcome["outcome"] == "never_started"
+    state = conn.execute(
+        "SELECT attempts, last_failure_reason FROM pglive.recovery_state "
+        "WHERE machine_id = %s",
+        (machine_id,),
+    ).fetchone()
+    assert state == {
+        "attempts": 1,
+        "last_failure_reason": "could not be started: working directory /nowhere does "
+        "not exist",
+    }
