@@ -374,13 +374,26 @@ _port_option = click.option(
     show_default=True,
     help="TCP port; 0 picks a free one and prints it.",
 )
+# The subcommands take --host and --port before or after their name:
+# `plc-sim --port 5021 fault exception` and `plc-sim fault exception --port 5021` agree.
+_target_host_option = click.option(
+    "--host", default=None, help="Address of the simulator [default: 127.0.0.1]."
+)
 _target_port_option = click.option(
     "--port",
     type=click.IntRange(1, 65535),
-    default=5020,
-    show_default=True,
-    help="TCP port of the running simulator.",
+    default=None,
+    help="TCP port of the running simulator [default: 5020].",
 )
+
+
+def _target(host: str | None, port: int | None) -> tuple[str, int]:
+    """The simulator to talk to: the subcommand's options, else the group's."""
+    parent = click.get_current_context().parent
+    given = parent.params if parent is not None else {}
+    return host or given.get("host") or "127.0.0.1", port or given.get("port") or 5020
+
+
 _map_option = click.option(
     "--register-map",
     "register_map_path",
@@ -438,12 +451,13 @@ def plc_sim_cli(
     show_default=True,
     help="Delay per answer in latency mode.",
 )
-@_host_option
+@_target_host_option
 @_target_port_option
 def fault_command(
-    mode: str, duration: float, latency_ms: int, host: str, port: int
+    mode: str, duration: float, latency_ms: int, host: str | None, port: int | None
 ) -> None:
     """Inject a fault into a running simulator (or clear it with MODE none)."""
+    host, port = _target(host, port)
     _quiet_logging()
     plc_map = _load_map(None)
 
@@ -471,10 +485,11 @@ def fault_command(
 
 
 @plc_sim_cli.command("status")
-@_host_option
+@_target_host_option
 @_target_port_option
-def status_command(host: str, port: int) -> None:
+def status_command(host: str | None, port: int | None) -> None:
     """Print the fault switch and request counters of a running simulator."""
+    host, port = _target(host, port)
     _quiet_logging()
     plc_map = _load_map(None)
 

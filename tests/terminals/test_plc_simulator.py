@@ -238,3 +238,27 @@ def test_simulator_cli_errors_are_one_line(simulator: Simulator) -> None:
     bad_mode = run("fault", "broken")
     assert bad_mode.returncode == 2
     assert "Traceback" not in bad_mode.stderr
+
+
+def test_the_group_port_reaches_the_fault_subcommand(simulator: Simulator) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "terminals.plc.simulator",
+            "--port",
+            str(simulator.port),
+            "fault",
+            "exception",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert f":{simulator.port}: fault 'exception'" in result.stdout
+    with pytest.raises(PlcRejected):
+        simulator.read_all()
+    assert simulator.cli("fault", "none").returncode == 0
