@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pglive.embedded import EmbeddedCluster
 from tests.helpers import REPO, end_process, wait_for
 
 README = (REPO / "README.md").read_text()
@@ -81,11 +82,18 @@ def run(
     return result
 
 
+def destroy_embedded_cluster(pglive_home: Path) -> None:
+    """Remove a cluster a test made, wherever its data went (see pglive/embedded.py)."""
+    if (pglive_home / "cluster.json").exists():
+        EmbeddedCluster(pglive_home).destroy()
+
+
 @pytest.fixture
 def fresh_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     home.chmod(0o755)
-    return home
+    yield home
+    destroy_embedded_cluster(home / "pglive")
 
 
 @pytest.fixture
@@ -221,7 +229,8 @@ def demo_env(tmp_path_factory):
     home.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGLIVE_")}
     env["PGLIVE_HOME"] = str(home / "pglive")
-    return env
+    yield env
+    destroy_embedded_cluster(home / "pglive")
 
 
 def make_demo(env, *args: str) -> subprocess.Popen:
