@@ -594,7 +594,13 @@ class TerminalSupervisor:
 
 
 def _open_log(path) -> Any:
-    """The terminal's log file for appending, rotated first when it has grown too big."""
+    """The terminal's log file for appending, rotated first when it has grown too big.
+
+    TODO: rotation happens only when the terminal (re)starts, because the child writes to
+    the file itself (so that its output survives a launcher restart); a terminal that runs
+    for months grows its file unbounded. Rotating under a running child needs a pipe the
+    launcher reads, or logrotate with copytruncate (which works: the file is O_APPEND).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size > LOG_MAX_BYTES:
         rotator = logging.handlers.RotatingFileHandler(

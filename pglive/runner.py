@@ -104,6 +104,9 @@ async def _run(registry: TerminalRegistry, work: Work) -> int:
         task.cancel()
 
     if registry.fenced:
+        # TODO: the work learns of the fencing as a cancellation, not as TerminalFencedError
+        # raised at its next await: asyncio can only cancel a task, not throw into it.
+        # registry.fenced tells a `finally` block why it runs.
         stopped = await _cancel(work_task)
         await registry.close()
         if not stopped:
