@@ -6,6 +6,7 @@ import contextlib
 import functools
 import importlib.resources
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -65,12 +66,16 @@ def resolve_dsn(dsn: str | None = None, *, start_embedded: bool = False) -> str:
     return cluster.dsn
 
 
+def _may_hold_a_password(dsn: str) -> bool:
+    return "password" in dsn.lower() or re.search(r"://[^/@]*:[^/@]*@", dsn) is not None
+
+
 def check_dsn(dsn: str) -> str:
     """``dsn`` if libpq can parse it; ConfigurationError (without the DSN) if not."""
     try:
         psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as error:
-        raise _connection_error(error) from None
+        raise _connection_error(error, dsn) from None
     return dsn
 
 
@@ -96,7 +101,7 @@ def connect(
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
         )
     except psycopg.Error as error:
-        raise _connection_error(error) from None
+        raise _connection_error(error, dsn) from None
 
 
 async def connect_async(
@@ -111,13 +116,17 @@ async def connect_async(
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
         )
     except psycopg.Error as error:
-        raise _connection_error(error) from None
+        raise _connection_error(error, dsn) from None
 
 
-def _connection_error(error: psycopg.Error) -> errors.PgliveError:
+def _connection_error(error: psycopg.Error, dsn: str) -> errors.PgliveError:
     """A bad DSN is a configuration error (retrying cannot help); the rest is an outage."""
     description = errors.describe_connection_error(error)
     if isinstance(error, psycopg.ProgrammingError):
+        if _may_hold_a_password(dsn):
+            # libpq quotes the words it could not parse, which may be part of a password
+            # (an unquoted one with spaces): show none of them.
+            description = re.sub(r'"[^"]*"', '"…"', description)
         return errors.ConfigurationError(f"invalid DSN: {description}")
     return errors.DatabaseUnavailableError(
         f"cannot connect to PostgreSQL: {description}"
