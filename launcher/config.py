@@ -32,6 +32,7 @@ from typing import Any
 
 from pglive import identity
 from pglive.errors import ConfigurationError
+from pglive.registry import DEFAULT_HEARTBEAT_INTERVAL
 
 LAUNCHER_KEYS = {"machine_id"}
 TERMINAL_KEYS = {
@@ -74,12 +75,20 @@ class LauncherConfig:
         return tuple(terminal for terminal in self.terminals if terminal.enabled)
 
     def check_heartbeat_timeout(self, timeout: float) -> None:
-        """Every configured heartbeat interval must be below the machine's timeout."""
+        """Every terminal's heartbeat interval must be below the machine's timeout."""
         for terminal in self.enabled_terminals:
             interval = terminal.heartbeat_interval
-            if interval is not None and interval >= timeout:
+            source = "heartbeat_interval"
+            if interval is None:
+                interval = float(
+                    terminal.env.get(
+                        "PGLIVE_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL
+                    )
+                )
+                source = "heartbeat_interval (not set: the terminal's default)"
+            if interval >= timeout:
                 raise ConfigError(
-                    f"{self.path}: terminals.{terminal.terminal_type}.heartbeat_interval: "
+                    f"{self.path}: terminals.{terminal.terminal_type}.{source}: "
                     f"{interval:g} s is not below --heartbeat-timeout {timeout:g} s "
                     "(the timeout should be 2-3 times the interval)"
                 )

@@ -38,6 +38,8 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
 # After a spawn, look for the new instance this often until it has registered.
 REGISTRATION_POLL_SECONDS = 0.25
+# After a failed database call, look again this soon (the pool reconnects meanwhile).
+DATABASE_RETRY_SECONDS = 1.0
 
 
 def _q(name: str) -> str:
@@ -167,6 +169,15 @@ def open_process(
     return pidfd
 
 
+def runs_command(pid: int, command: tuple[str, ...]) -> bool:
+    """Whether ``pid`` was started with exactly ``command`` as its argv."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return [part.decode(errors="replace") for part in argv if part] == list(command)
+
+
 def process_start_time(pid: int) -> float | None:
     """When ``pid`` started, in seconds since the epoch (Linux /proc), or None."""
     try:
@@ -178,9 +189,11 @@ def process_start_time(pid: int) -> float | None:
         )
     except (OSError, StopIteration):
         return None
-    # starttime is field 22; counting starts after the ")" closing the command name,
-    # which may itself contain spaces, at field 3.
+    # Fields counted after the ")" closing the command name (which may hold spaces):
+    # state is field 3, starttime field 22.
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":  # exited, not yet reaped: gone all the same
+        return None
     return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
@@ -234,7 +247,8 @@ class TerminalSupervisor:
                 psycopg_pool.PoolTimeout,
                 errors.PgliveError,
             ):
-                logger.debug("%s: database unavailable, reconciling later", self.label)
+                logger.debug("%s: database unavailable, reconciling soon", self.label)
+                wait = min(wait, DATABASE_RETRY_SECONDS)
             except Exception:
                 logger.exception(
                     "unexpected error while checking %s; checking again in %.0fs",
@@ -331,9 +345,24 @@ class TerminalSupervisor:
         pidfd = open_process(
             active["pid"], active["started_at"], await self.launcher.clock_offset()
         )
+        if pidfd is not None and not runs_command(active["pid"], self.config.command):
+            # Only a process running this terminal's configured command is ever signalled:
+            # a row naming some other pid (a terminal started by hand, or a forged
+            # registration) must not make the launcher kill that process.
+            os.close(pidfd)
+            if self._once(("not-ours", active["instance_id"])):
+                logger.warning(
+                    "%s runs as pid %s, which is not this launcher's command for it: "
+                    "watching it through the database only (it is never signalled)",
+                    self.label,
+                    active["pid"],
+                    **self._extra("watch_foreign", pid=active["pid"]),
+                )
+            return self.launcher.settings.check_interval
         if pidfd is None:
             logger.warning(
-                "dead %s detected: instance %s has no process (pid %s is gone)",
+                "dead %s detected: instance %s has no process (pid %s is gone, or is "
+                "another process now)",
                 self.label,
                 active["instance_id"],
                 active["pid"],
@@ -688,6 +717,9 @@ class Launcher:
                 "application_name": "pglive-launcher",
             },
             reconnect_timeout=0,  # keep trying for as long as the launcher runs
+            # A connection handed out after a server restart must work, or the first
+            # reconcile after the restart fails and waits a whole check interval.
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
         )
         try:
             await self._pool.open(wait=True, timeout=30)

@@ -1112,6 +1112,9 @@ BEGIN
         v_interval := pglive._setting('sweep_interval_seconds');
         EXIT WHEN clock_timestamp() + v_interval * interval '1 second' >= v_deadline;
         PERFORM pg_sleep(v_interval);
+        -- End the transaction that slept, so the next sweep's now() is the time it runs,
+        -- not the time the sleep began.
+        COMMIT;
     END LOOP;
 END
 $$;

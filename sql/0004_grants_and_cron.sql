@@ -44,6 +44,9 @@ GRANT EXECUTE ON FUNCTION
     pglive.get_terminal_uptime(uuid, timestamptz)
 TO pglive_operator;
 
+-- A launcher checks its config's terminal types against the control plane's.
+GRANT SELECT ON pglive.terminal_types TO pglive_launcher;
+
 GRANT SELECT ON
     pglive.active_terminals,
     pglive.terminal_status,

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import psycopg
+import psycopg.conninfo
 import pytest
+from psycopg.rows import dict_row
 
 from tests.helpers import REPO, end_process, spawn_python, wait_for
 
@@ -34,6 +36,7 @@ def write_config(
             'environment = "testing"',
             f'log_file = "logs/{terminal_type}.log"',
             f"stop_timeout = {stop_timeout}",
+            "heartbeat_interval = 0.5",
             "",
         ]
     path = tmp_path / "launcher.toml"
@@ -495,7 +498,11 @@ def test_an_interval_not_below_the_timeout_is_refused_at_start(
     tmp_path, subprocess_env
 ):
     config = write_config(tmp_path, {"terminal1": FAST})
-    config.write_text(config.read_text() + "heartbeat_interval = 45\n")
+    config.write_text(
+        config.read_text().replace(
+            "heartbeat_interval = 0.5", "heartbeat_interval = 45"
+        )
+    )
 
     result = subprocess.run(
         [sys.executable, "-m", "launcher", "--config", str(config)],
@@ -619,3 +626,90 @@ def test_a_launcher_paused_past_its_timeout_registers_again(conn, machine_id, la
     assert again["pid"] == launcher.process.pid
     assert "registered again" in launcher.log
     assert launcher.process.poll() is None
+
+
+def test_a_forged_registration_never_gets_a_process_killed(conn, machine_id, launch):
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        wait_for(lambda: process_start_known(bystander.pid), message="the bystander")
+        forged = conn.execute(
+            "SELECT * FROM pglive.register_terminal('terminal1', %s, 'testing', %s, %s, 0.5)",
+            (machine_id, bystander.pid, socket.gethostname()),
+        ).fetchone()
+
+        launcher = launch({"terminal1": FAST})
+        launcher.wait_log("never signalled")
+        conn.execute(
+            "SELECT pglive.mark_terminal_crashed(%s, 'forged')",
+            (forged["instance_id"],),
+        )
+
+        wait_for(
+            lambda: healthy(conn, machine_id, "terminal1"), message="the launcher's own"
+        )
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def process_start_known(pid: int) -> bool:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep")
+
+
+def test_a_launcher_needs_only_the_launcher_role(
+    conn, dsn, machine_id, launch, subprocess_env
+):
+    role = f"pglive_test_launcher_{machine_id.hex[:8]}"
+    conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE pglive_launcher")
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn) | {"user": role}
+        subprocess_env["PGLIVE_DSN"] = psycopg.conninfo.make_conninfo(**info)
+        launcher = launch({"terminal2": FAST})
+        first = wait_for(lambda: healthy(conn, machine_id, "terminal2"), message="t2")
+
+        os.kill(first["pid"], signal.SIGKILL)
+
+        wait_for(
+            lambda: (
+                (r := healthy(conn, machine_id, "terminal2")) and r["id"] != first["id"]
+            ),
+            message="a replacement, by a launcher with no table rights",
+        )
+        launcher.process.send_signal(signal.SIGTERM)
+        assert launcher.process.wait(60) == 0
+    finally:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+            (role,),
+        )
+        conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_restart_due_during_a_postgresql_restart_is_not_delayed(
+    database, dsn, machine_id, launch
+):
+    def connect():
+        return psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
+
+    launch({"terminal2": FAST}, "--restart-delay", "3", "--check-interval", "120")
+    with connect() as conn:
+        victim = wait_for(lambda: healthy(conn, machine_id, "terminal2"), message="t2")
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for(
+            lambda: instances(conn, machine_id, "terminal2")[0]["status"] == "crashed",
+            message="the crash recorded",
+        )
+
+    database.restart()
+
+    with connect() as conn:
+        # Far sooner than the 120 s check interval: the restart was due 3 s after the crash.
+        wait_for(
+            lambda: (
+                (r := healthy(conn, machine_id, "terminal2"))
+                and r["id"] != victim["id"]
+            ),
+            timeout=60,
+            message="the pending restart carried out after the server restart",
+        )

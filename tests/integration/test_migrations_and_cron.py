@@ -140,3 +140,52 @@ def test_the_pg_cron_job_marks_a_stale_instance_crashed(conn, machine_id):
     # measured on the server's own clock.
     assert seconds <= 2 + float(sweep_interval) + 2
     assert "detected by the sweep" in crashed["status_reason"]
+
+
+def test_each_sweep_of_the_sweeper_uses_the_time_it_runs_at(conn, machine_id):
+    """run_sweeper commits after sleeping: a sweep's now() is not the sleep's start."""
+    interval = float(
+        conn.execute(
+            "SELECT value FROM pglive.settings WHERE key = 'sweep_interval_seconds'"
+        ).fetchone()["value"]
+    )
+    conn.execute(
+        "SELECT pglive.set_machine_setting(%s, 'heartbeat_timeout_seconds', 1)",
+        (machine_id,),
+    )
+    with psycopg.connect(conn.info.dsn, autocommit=True) as sweeper:
+        thread_result: list[BaseException] = []
+
+        def sweep_twice() -> None:
+            try:
+                # Sweeps at 0 s and after one interval, then returns.
+                # Simple query protocol: a procedure that COMMITs needs it to be top level.
+                sweeper.execute(f"CALL pglive.run_sweeper({interval * 1.5:.1f})")
+            except BaseException as error:  # noqa: BLE001 (reported below)
+                thread_result.append(error)
+
+        import threading
+
+        thread = threading.Thread(target=sweep_twice)
+        thread.start()
+        wait_for(
+            lambda: conn.execute(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE 'CALL pglive.run_sweeper(%%.%%'"
+                " AND state = 'active'"
+            ).fetchone()["n"],
+            message="the sweeper running",
+        )
+        row = conn.execute(
+            "SELECT * FROM pglive.register_terminal('terminal1', %s, 'testing', 7, 'h', 0.3)",
+            (machine_id,),
+        ).fetchone()
+        thread.join(timeout=60)
+
+    assert not thread_result
+    # Registered during the first sleep and silent for more than 1 s: the second sweep,
+    # one interval later, must see it (it would not with the time the sleep began).
+    status = conn.execute(
+        "SELECT status FROM pglive.terminal_instances WHERE id = %s",
+        (row["instance_id"],),
+    ).fetchone()["status"]
+    assert status == "crashed"
