@@ -66,8 +66,13 @@ def resolve_dsn(dsn: str | None = None, *, start_embedded: bool = False) -> str:
     return cluster.dsn
 
 
-def _may_hold_a_password(dsn: str) -> bool:
-    return "password" in dsn.lower() or re.search(r"://[^/@]*:[^/@]*@", dsn) is not None
+def _password_part(dsn: str) -> str:
+    """The part of ``dsn`` a password may be in: after ``password=``, or a URL's userinfo."""
+    keyword = re.search(r"password\s*=", dsn, flags=re.IGNORECASE)
+    if keyword:
+        return dsn[keyword.end() :]
+    userinfo = re.search(r"://([^/@]*)@", dsn)
+    return userinfo[1] if userinfo else ""
 
 
 def check_dsn(dsn: str) -> str:
@@ -123,10 +128,14 @@ def _connection_error(error: psycopg.Error, dsn: str) -> errors.PgliveError:
     """A bad DSN is a configuration error (retrying cannot help); the rest is an outage."""
     description = errors.describe_connection_error(error)
     if isinstance(error, psycopg.ProgrammingError):
-        if _may_hold_a_password(dsn):
-            # libpq quotes the words it could not parse, which may be part of a password
-            # (an unquoted one with spaces): show none of them.
-            description = re.sub(r'"[^"]*"', '"…"', description)
+        # libpq quotes the word it could not parse, which may be part of a password (an
+        # unquoted one with spaces): hide a quoted word that comes from the password.
+        secret = _password_part(dsn)
+        description = re.sub(
+            r'"([^"]*)"',
+            lambda m: '"…"' if secret and m[1] and m[1] in secret else m[0],
+            description,
+        )
         return errors.ConfigurationError(f"invalid DSN: {description}")
     return errors.DatabaseUnavailableError(
         f"cannot connect to PostgreSQL: {description}"
