@@ -44,6 +44,43 @@ AS $$
     SELECT pg_catalog.sha256(pg_catalog.convert_to(coalesce(p_token, ''), 'UTF8'))
 $$;
 
+CREATE OR REPLACE FUNCTION pglive._raise_unknown_instance(p_instance_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'unknown terminal instance %', coalesce(p_instance_id::text, 'NULL')
+        USING ERRCODE = 'PL003';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pglive._raise_unknown_setting(p_key text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'unknown pglive setting "%"', coalesce(p_key, 'NULL')
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = 'SELECT key, value, description FROM pglive.settings lists them';
+END
+$$;
+
+-- Raises 22023, listing the known types, unless p_terminal_type is one of them.
+CREATE OR REPLACE FUNCTION pglive._check_terminal_type(p_terminal_type text)
+RETURNS void
+LANGUAGE plpgsql
+STABLE
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pglive.terminal_types t WHERE t.terminal_type = p_terminal_type) THEN
+        RAISE EXCEPTION 'unknown terminal type "%"', coalesce(p_terminal_type, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'known types: ' || (SELECT string_agg(t.terminal_type, ', ' ORDER BY 1)
+                                             FROM pglive.terminal_types t);
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pglive._setting(p_key text, p_machine_id uuid DEFAULT NULL)
 RETURNS numeric
 LANGUAGE plpgsql
@@ -61,9 +98,7 @@ BEGIN
     WHERE s.key = p_key;
 
     IF v_value IS NULL THEN
-        RAISE EXCEPTION 'unknown pglive setting "%"', p_key
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'SELECT key, value, description FROM pglive.settings lists them';
+        PERFORM pglive._raise_unknown_setting(p_key);
     END IF;
 
     RETURN v_value;
@@ -132,8 +167,7 @@ BEGIN
     FOR UPDATE;
 
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown terminal instance %', coalesce(p_instance_id::text, 'NULL')
-            USING ERRCODE = 'PL003';
+        PERFORM pglive._raise_unknown_instance(p_instance_id);
     END IF;
 
     IF v_instance.token_hash <> pglive._token_hash(p_token) THEN
@@ -364,10 +398,7 @@ DECLARE
     v_state pglive.recovery_state;
     v_max   integer := pglive._setting('max_restart_attempts', p_machine_id);
 BEGIN
-    IF NOT EXISTS (SELECT FROM pglive.terminal_types t WHERE t.terminal_type = p_terminal_type) THEN
-        RAISE EXCEPTION 'unknown terminal type "%"', p_terminal_type
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM pglive._check_terminal_type(p_terminal_type);
 
     SELECT *
     INTO v_state
@@ -442,9 +473,7 @@ BEGIN
     SELECT * INTO v_setting FROM pglive.settings WHERE key = p_key;
 
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown pglive setting "%"', p_key
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'SELECT key, value, description FROM pglive.settings lists them';
+        PERFORM pglive._raise_unknown_setting(p_key);
     END IF;
 
     IF p_key = 'sweep_interval_seconds' THEN
@@ -515,12 +544,7 @@ DECLARE
     v_previous    pglive.terminal_instances;
     v_running     pglive.terminal_instances;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pglive.terminal_types t WHERE t.terminal_type = p_terminal_type) THEN
-        RAISE EXCEPTION 'unknown terminal type "%"', coalesce(p_terminal_type, 'NULL')
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'known types: ' || (SELECT string_agg(t.terminal_type, ', ' ORDER BY 1)
-                                             FROM pglive.terminal_types t);
-    END IF;
+    PERFORM pglive._check_terminal_type(p_terminal_type);
 
     -- Only a launcher may take a machine's launcher slot (else a terminal could lock it out).
     IF NOT (SELECT t.supervised FROM pglive.terminal_types t WHERE t.terminal_type = p_terminal_type)
@@ -825,8 +849,7 @@ BEGIN
     SELECT * INTO v_instance FROM pglive.terminal_instances WHERE id = p_instance_id FOR UPDATE;
 
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown terminal instance %', coalesce(p_instance_id::text, 'NULL')
-            USING ERRCODE = 'PL003';
+        PERFORM pglive._raise_unknown_instance(p_instance_id);
     END IF;
 
     IF NOT v_instance.status = ANY (pglive._active_statuses()) THEN
@@ -938,8 +961,7 @@ BEGIN
     SELECT * INTO v_instance FROM pglive.terminal_instances WHERE id = p_instance_id;
 
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown terminal instance %', coalesce(p_instance_id::text, 'NULL')
-            USING ERRCODE = 'PL003';
+        PERFORM pglive._raise_unknown_instance(p_instance_id);
     END IF;
 
     RETURN pglive._uptime_seconds(v_instance, p_now);
