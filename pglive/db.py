@@ -98,13 +98,7 @@ def connect(
 ) -> psycopg.Connection[dict[str, Any]]:
     """A synchronous connection; connection failures become DatabaseUnavailableError."""
     try:
-        return psycopg.connect(
-            dsn,
-            autocommit=autocommit,
-            row_factory=dict_row,
-            application_name=application_name,
-            connect_timeout=CONNECT_TIMEOUT_SECONDS,
-        )
+        return psycopg.connect(dsn, **_options(application_name, autocommit))
     except psycopg.Error as error:
         raise _connection_error(error, dsn) from None
 
@@ -114,14 +108,19 @@ async def connect_async(
 ) -> psycopg.AsyncConnection[dict[str, Any]]:
     try:
         return await psycopg.AsyncConnection.connect(
-            dsn,
-            autocommit=autocommit,
-            row_factory=dict_row,
-            application_name=application_name,
-            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            dsn, **_options(application_name, autocommit)
         )
     except psycopg.Error as error:
         raise _connection_error(error, dsn) from None
+
+
+def _options(application_name: str, autocommit: bool) -> dict[str, Any]:
+    return {
+        "autocommit": autocommit,
+        "row_factory": dict_row,
+        "application_name": application_name,
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+    }
 
 
 def _connection_error(error: psycopg.Error, dsn: str) -> errors.PgliveError:
