@@ -44,6 +44,17 @@ def write_config(
     return path
 
 
+def run_launcher(env, config: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Run a launcher that is expected to stop at once (bad config, a duplicate)."""
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", "--config", str(config), *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 class LauncherProcess:
     def __init__(self, env, tmp_path: Path, config: Path, *flags: str) -> None:
         self.log_path = tmp_path / "launcher.log"
@@ -367,13 +378,7 @@ def test_bad_config_stops_the_launcher_with_one_line(
     config = tmp_path / "bad.toml"
     config.write_text(content)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "launcher", "--config", str(config)],
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_launcher(subprocess_env, config)
 
     assert result.returncode == 2
     assert expected in result.stderr
@@ -382,13 +387,7 @@ def test_bad_config_stops_the_launcher_with_one_line(
 
 
 def test_unreadable_config_names_the_file(tmp_path, subprocess_env):
-    result = subprocess.run(
-        [sys.executable, "-m", "launcher", "--config", str(tmp_path / "missing.toml")],
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_launcher(subprocess_env, tmp_path / "missing.toml")
 
     assert result.returncode == 2
     assert "missing.toml: cannot read the config file" in result.stderr
@@ -470,22 +469,13 @@ def test_a_refused_second_launcher_changes_no_setting(
     launch({"terminal1": FAST})
     wait_for(lambda: healthy(conn, machine_id, "terminal1"), message="terminal1")
 
-    second = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launcher",
-            "--config",
-            str(tmp_path / "launcher.toml"),
-            "--heartbeat-timeout",
-            "1",
-            "--restart-delay",
-            "0",
-        ],
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    second = run_launcher(
+        subprocess_env,
+        tmp_path / "launcher.toml",
+        "--heartbeat-timeout",
+        "1",
+        "--restart-delay",
+        "0",
     )
 
     assert second.returncode == 3
@@ -504,13 +494,7 @@ def test_an_interval_not_below_the_timeout_is_refused_at_start(
         )
     )
 
-    result = subprocess.run(
-        [sys.executable, "-m", "launcher", "--config", str(config)],
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_launcher(subprocess_env, config)
 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
